@@ -1,0 +1,147 @@
+"""Wan2.1 / Wan2.2 (T2V): umT5 text encoder, WanTransformer3DModel, AutoencoderKLWan, flow-matching schedulers.
+
+Mirrors diffusers' `WanPipeline` step for step, so that a run here equals a run there.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from srserve.config import GenerationRequest, ModelSpec
+from srserve.pipeline.families.base import (
+    DTYPES, Defaults, StepInput, load_transformer, reset_cache, stack, step_accepts_generator,
+)
+from srserve.pipeline.handoff import PromptEmbeddings
+
+
+class WanFamily:
+    name = "wan"
+    supports_attention_backends = True
+
+    def __init__(self, spec: ModelSpec, roles: tuple[str, ...]) -> None:
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from diffusers.video_processor import VideoProcessor
+
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.scheduler_config = _read_json(spec.base_path, "scheduler", "scheduler_config.json")
+        self.vae_config = _read_json(spec.base_path, "vae", "config.json")
+        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        self.vae_scale_temporal = int(self.vae_config.get("scale_factor_temporal", 4))
+        self.vae_scale_spatial = int(self.vae_config.get("scale_factor_spatial", 8))
+        self.latent_channels = int(self.vae_config.get("z_dim", 16))
+        self.defaults = Defaults(
+            num_frames=spec.default_num_frames or 81,
+            height=spec.default_height or 480,
+            width=spec.default_width or 832,
+            num_inference_steps=spec.default_steps or 50,
+        )
+        self.transformers: dict[str, torch.nn.Module] = {}
+        for role in ("sketch", "render"):
+            if role in roles:
+                self.transformers[role] = load_transformer(WanTransformer3DModel, spec, role, True)
+        self.tokenizer = self.text_encoder = self.vae = None
+        if "encode" in roles:
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(spec.base_path, "tokenizer"))
+            self.text_encoder = UMT5EncoderModel.from_pretrained(
+                os.path.join(spec.base_path, "text_encoder"), torch_dtype=DTYPES[spec.dtype]
+            ).to(self.device).eval()
+        if "decode" in roles:
+            # diffusers' Wan pipelines keep the VAE in float32 for quality; we do the same.
+            self.vae = AutoencoderKLWan.from_pretrained(
+                os.path.join(spec.base_path, "vae"), torch_dtype=torch.float32
+            ).to(self.device).eval()
+            self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
+
+    # --- encode -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompt: str, negative_prompt: str, max_sequence_length: int,
+               guidance_scale: float) -> PromptEmbeddings:
+        if self.text_encoder is None:
+            raise RuntimeError("this engine was loaded without the 'encode' role")
+        positive = self._t5_embeds(prompt, max_sequence_length)
+        negative = self._t5_embeds(negative_prompt, max_sequence_length) if guidance_scale > 1.0 else None
+        return PromptEmbeddings(positive, negative)
+
+    def _t5_embeds(self, prompt: str, max_sequence_length: int) -> torch.Tensor:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        inputs = self.tokenizer(
+            [prompt_clean(prompt)], padding="max_length", max_length=max_sequence_length, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        ids, mask = inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device)
+        seq_len = int(mask.gt(0).sum())
+        hidden = self.text_encoder(ids, mask).last_hidden_state[0, :seq_len]
+        # Zero the padding, as WanPipeline does: the transformer sees exactly max_sequence_length tokens.
+        padded = torch.cat([hidden, hidden.new_zeros(max_sequence_length - seq_len, hidden.size(1))])
+        return padded.unsqueeze(0).to("cpu")
+
+    # --- denoise ------------------------------------------------------------------------------------------
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
+        frames = (request.num_frames - 1) // self.vae_scale_temporal + 1
+        return (1, self.latent_channels, frames, request.height // self.vae_scale_spatial,
+                request.width // self.vae_scale_spatial)
+
+    def new_scheduler(self, role: str) -> Any:
+        import diffusers
+
+        cls = getattr(diffusers, self.scheduler_config["_class_name"])
+        return cls.from_config(self.scheduler_config)
+
+    @torch.no_grad()
+    def predict(self, role: str, batch: list[StepInput]) -> list[torch.Tensor]:
+        """Guided model output for each request of a same-shape batch, in one forward per CFG branch."""
+        model = self.transformers[role]
+        dtype = model.dtype
+        latents = stack([s.latents for s in batch]).to(self.device, dtype)
+        timestep = torch.stack([s.timestep for s in batch]).to(self.device)
+        first = batch[0]
+        context = {"step_index": first.step_index, "sigma": first.sigma, "num_inference_steps": first.num_steps}
+        cond_embeds = stack([s.embeddings.prompt_embeds for s in batch]).to(self.device, dtype)
+        with model.cache_context("cond", **context):
+            cond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond_embeds,
+                         return_dict=False)[0]
+        if first.embeddings.negative_prompt_embeds is None:
+            return list(cond.split(1))
+        uncond_embeds = stack([s.embeddings.negative_prompt_embeds for s in batch]).to(self.device, dtype)
+        with model.cache_context("uncond", **context):
+            uncond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=uncond_embeds,
+                           return_dict=False)[0]
+        return [u + s.guidance_scale * (c - u) for c, u, s in zip(cond.split(1), uncond.split(1), batch)]
+
+    def scheduler_step(self, scheduler: Any, output: torch.Tensor, step: StepInput, extras: dict[str, Any],
+                       generator: torch.Generator) -> torch.Tensor:
+        kwargs = {"generator": generator} if step_accepts_generator(scheduler) else {}
+        return scheduler.step(output, step.timestep, step.latents, return_dict=False, **kwargs)[0]
+
+    def enter_role(self, role: str, latents: torch.Tensor, scheduler: Any, step_index: int,
+                   extras: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        # Wan2.1 14B and 1.3B share VAE, text encoder and schedule: the state passes unchanged.
+        if role in self.transformers:
+            reset_cache(self.transformers[role])
+        return latents, scheduler
+
+    # --- decode -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        if self.vae is None:
+            raise RuntimeError("this engine was loaded without the 'decode' role")
+        latents = latents.to(self.device, self.vae.dtype)
+        z_dim = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
+            latents.device, latents.dtype)
+        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video, output_type="np")[0].astype(np.float32)
+
+
+def _read_json(base: str, *parts: str) -> dict[str, Any]:
+    with open(os.path.join(base, *parts)) as f:
+        return json.load(f)
