@@ -77,6 +77,9 @@ def load_transformer(cls: Any, spec: ModelSpec, role: str, supports_backend: boo
         model.set_attention_backend(spec.attention_backend)
     cache = spec.sketch_cache if role == "sketch" else spec.render_cache
     if cache is not None:
+        layers = getattr(model.config, "num_layers", 2)
+        if cache.kind == "first_block" and layers < 2:
+            raise ValueError(f"{role}_cache: FirstBlockCache needs a transformer with >= 2 blocks, it has {layers}")
         model.enable_cache(cache_config(cache))
     return model
 

@@ -1,0 +1,116 @@
+"""`srserve generate | serve | eval | tiny train`: the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+GENERATE_EPILOG = """switch policies: none (large only), small-only, step:K, ratio:R,
+adaptive[:THRESHOLD][:min=K][:max=K] (SRDiffusion's self-diff rule; default threshold 0.01)"""
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be WIDTHxHEIGHT, e.g. 832x480, got {text!r}") from None
+    return width, height
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate one video in this process", epilog=GENERATE_EPILOG)
+    p.add_argument("prompt")
+    p.add_argument("--model", default=None, help="diffusers directory or YAML/JSON spec (default: srd-tiny)")
+    p.add_argument("--switch", default=None, help="switch policy (default: the model's, usually adaptive)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: the model's)")
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--max-sequence-length", type=int, default=512)
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the spec's, cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention-backend", default=None, help="native, xformers, flash, _native_cudnn, ...")
+    p.add_argument("--out", default="out/video.mp4", help="output .mp4 (H.264) or .npy (float32 frames)")
+    p.add_argument("--json", action="store_true", help="print one JSON line with timings")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from srserve.config import GenerationRequest
+    from srserve.pipeline.engine import SREngine
+    from srserve.pipeline.spec import ModelSpecError, resolve_model_spec
+    from srserve.pipeline.video import write_video
+
+    if not args.out.endswith((".mp4", ".npy")):
+        print(f"error: --out {args.out!r} must end in .mp4 or .npy", file=sys.stderr)
+        return 2
+    width, height = args.size if args.size else (None, None)
+    try:
+        request = GenerationRequest(
+            prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+            num_frames=args.frames, height=height, width=width, seed=args.seed, guidance_scale=args.guidance,
+            switch=args.switch, max_sequence_length=args.max_sequence_length,
+        )
+        spec = resolve_model_spec(args.model, device=args.device, dtype=args.dtype,
+                                  attention_backend=args.attention_backend)
+        engine = SREngine.load(spec)
+        request = engine.resolve(request)
+    except (ValidationError, ModelSpecError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with tqdm(total=request.num_inference_steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+        result = engine.generate(request, on_step=lambda i, n: bar.update(i - bar.n))
+    path = write_video(result.frames, args.out, fps=spec.fps)
+    if args.json:
+        print(json.dumps({
+            "output": str(path), "model": spec.name, "switch": request.switch, "switch_step": result.switch_step,
+            "num_inference_steps": result.num_inference_steps, "num_frames": request.num_frames,
+            "size": f"{request.width}x{request.height}", "seed": request.seed,
+            **{k: round(v, 4) for k, v in result.timings.items()},
+        }))
+    else:
+        print(path)
+    return 0
+
+
+def _forward(name: str, help_text: str, target: Callable[[], Callable[[list[str]], int]],
+             sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(name, help=help_text, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(forward=target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="srserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    _forward("serve", "run the Ray Serve app (srserve serve [CONFIG] --help)",
+             lambda: __import__("srserve.serving.runner", fromlist=["serve_main"]).serve_main, sub)
+    _forward("eval", "score videos of the srd-tiny domain (srserve eval --help)",
+             lambda: __import__("srserve.tiny.evaluate", fromlist=["main"]).main, sub)
+    _forward("tiny", "srd-tiny tools: srserve tiny train ...",
+             lambda: _tiny_main, sub)
+    _forward("bench", "benchmarks (srserve bench --help)",
+             lambda: __import__("srserve.bench", fromlist=["main"]).main, sub)
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        return run_generate(args)
+    return args.forward()(args.rest)
+
+
+def _tiny_main(argv: list[str]) -> int:
+    if not argv or argv[0] != "train":
+        print("usage: srserve tiny train [--help]", file=sys.stderr)
+        return 2
+    from srserve.tiny.train import main as train_main
+
+    return train_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

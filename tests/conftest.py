@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random-weight models saved to temp dirs and loaded through the real loaders."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# No test touches the network: diffusers/transformers must never try a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def wan_unipc_dir(tmp_path_factory):
+    from srserve.tiny.random_model import build_random_wan
+
+    return build_random_wan(tmp_path_factory.mktemp("wan-unipc"), seed=0, scheduler="unipc")
+
+
+@pytest.fixture(scope="session")
+def wan_euler_dir(tmp_path_factory):
+    from srserve.tiny.random_model import build_random_wan
+
+    return build_random_wan(tmp_path_factory.mktemp("wan-euler"), seed=1, scheduler="euler")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster for object-store tests (no dashboard, two CPUs, the pool resources)."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, resources={"sketch_pool": 1, "render_pool": 1},
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
