@@ -95,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
              lambda: __import__("srserve.tiny.evaluate", fromlist=["main"]).main, sub)
     _forward("tiny", "srd-tiny tools: srserve tiny train ...",
              lambda: _tiny_main, sub)
-    _forward("bench", "benchmarks (srserve bench --help)",
-             lambda: __import__("srserve.bench", fromlist=["main"]).main, sub)
     args = parser.parse_args(argv)
     if args.command == "generate":
         return run_generate(args)
