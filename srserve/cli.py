@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
              lambda: __import__("srserve.serving.runner", fromlist=["serve_main"]).serve_main, sub)
     _forward("eval", "score videos of the srd-tiny domain (srserve eval --help)",
              lambda: __import__("srserve.tiny.evaluate", fromlist=["main"]).main, sub)
-    _forward("tiny", "srd-tiny tools: srserve tiny train ...",
+    _forward("tiny", "srd-tiny tools: srserve tiny train|quality ...",
              lambda: _tiny_main, sub)
     args = parser.parse_args(argv)
     if args.command == "generate":
@@ -102,12 +102,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tiny_main(argv: list[str]) -> int:
-    if not argv or argv[0] != "train":
-        print("usage: srserve tiny train [--help]", file=sys.stderr)
-        return 2
-    from srserve.tiny.train import main as train_main
+    if argv and argv[0] == "train":
+        from srserve.tiny.train import main as train_main
 
-    return train_main(argv[1:])
+        return train_main(argv[1:])
+    if argv and argv[0] == "quality":
+        from srserve.tiny.quality import main as quality_main
+
+        return quality_main(argv[1:])
+    print("usage: srserve tiny {train,quality} [--help]", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class ModelSpec(BaseModel):
     default_width: int | None = Field(None, ge=8)
     default_steps: int | None = Field(None, ge=1)
     default_switch: str = "adaptive"
+    use_dynamic_cfg: bool = False  # CogVideoX only: diffusers' dynamic classifier-free guidance
     fps: int = Field(16, ge=1, le=120)
 
 

@@ -80,7 +80,8 @@ class SREngine:
         latents = randn_tensor(self.family.latent_shape(request), generator=generator, dtype=torch.float32)
         scheduler = self.family.new_scheduler("sketch")
         scheduler.set_timesteps(request.num_inference_steps, device=self.family.device)
-        scheduler.set_begin_index(0)
+        if hasattr(scheduler, "set_begin_index"):  # CogVideoX's schedulers have no begin index
+            scheduler.set_begin_index(0)
         policy = parse_policy(request.switch)
         timesteps = scheduler.timesteps.to("cpu")
         switch_step = fixed_switch_step(policy, timesteps.tolist(), self.family.num_train_timesteps)

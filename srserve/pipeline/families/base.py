@@ -28,7 +28,7 @@ class Defaults:
 class StepInput:
     """One request's slice of a batched denoising step."""
 
-    latents: torch.Tensor  # (1, C, T, H, W) float32, in the active role's latent space
+    latents: torch.Tensor  # one request (batch 1) float32, in the active role's latent space and layout
     timestep: torch.Tensor  # scalar
     step_index: int
     num_steps: int
@@ -66,7 +66,11 @@ def role_path(spec: ModelSpec, role: str) -> str:
     if role == "sketch":
         return spec.sketch_transformer or os.path.join(spec.base_path, "transformer")
     if role == "render":
-        return spec.render_transformer or os.path.join(spec.base_path, "transformer_2")
+        if spec.render_transformer:
+            return spec.render_transformer
+        # A CogVideoX pair names the small model's own diffusers directory; Wan2.2 layouts use transformer_2.
+        base = spec.render_base_path or spec.base_path
+        return os.path.join(base, "transformer" if spec.render_base_path else "transformer_2")
     raise ValueError(f"role {role!r} has no transformer")
 
 

@@ -33,7 +33,6 @@ X0 = "pred_original_sample"
 class CogVideoXFamily:
     name = "cogvideox"
     supports_attention_backends = False
-    use_dynamic_cfg = False  # diffusers' `use_dynamic_cfg` (recommended for CogVideoX-5b with DPM)
 
     def __init__(self, spec: ModelSpec, roles: tuple[str, ...]) -> None:
         from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
@@ -44,14 +43,16 @@ class CogVideoXFamily:
         self.spec = spec
         self.device = torch.device(spec.device)
         self.dtype = DTYPES[spec.dtype]
+        # diffusers' `use_dynamic_cfg` (recommended for CogVideoX-5b with DPM).
+        self.use_dynamic_cfg = spec.use_dynamic_cfg
         render_base = spec.render_base_path or spec.base_path
         self.vae_config = _read_json(spec.base_path, "vae", "config.json")
         self.scheduler_configs = {"sketch": _read_json(spec.base_path, "scheduler", "scheduler_config.json")}
         self.scheduler_configs["render"] = _read_json_or(
             self.scheduler_configs["sketch"], render_base, "scheduler", "scheduler_config.json")
+        render_vae = _read_json(render_base, "vae", "config.json")
         self.scaling = {"sketch": float(self.vae_config.get("scaling_factor", 1.15258426)),
-                        "render": float(_read_json_or(self.vae_config, render_base, "vae", "config.json")
-                                        .get("scaling_factor", 1.15258426))}
+                        "render": float(render_vae.get("scaling_factor", 1.15258426))}
         self.transformer_configs = {r: _read_json(role_path(spec, r), "config.json") for r in ("sketch", "render")}
         lengths = {r: c.get("max_text_seq_length", 226) for r, c in self.transformer_configs.items()}
         if lengths["sketch"] != lengths["render"]:
