@@ -85,6 +85,9 @@ def _forward(name: str, help_text: str, target: Callable[[], Callable[[list[str]
     p.set_defaults(forward=target)
 
 
+FORWARDED = ("serve", "eval", "tiny")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="srserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
              lambda: __import__("srserve.tiny.evaluate", fromlist=["main"]).main, sub)
     _forward("tiny", "srd-tiny tools: srserve tiny train|quality ...",
              lambda: _tiny_main, sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        # Forwarded commands own their flags, --help included.
+        args = parser.parse_args([argv[0]])
+        return args.forward()(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "generate":
         return run_generate(args)

@@ -1,0 +1,331 @@
+"""The srd-tiny domain evaluator: find the object in each frame, score a video against its prompt.
+
+Per video: color, shape and motion direction (correct or not against `a COLOR SHAPE moving DIRECTION`),
+temporal consistency, detail (edge sharpness against a clean rendering), the fraction of frames where the
+object was found, and optionally PSNR / SSIM against a reference video (the large-only video of one seed).
+`validate` measures the evaluator itself on ground-truth clips of the domain. `main` is `srserve eval`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from srserve.tiny.domain import COLORS, DIRECTIONS, SHAPES, parse_prompt, render_clip, sample_spec, shape_mask
+from srserve.tiny.metrics import (as_video, augment, bbox_window, dilate, gradient_energy, largest_component,
+                                  load_video, pad2d, psnr, quantile, ssim)
+
+MIN_PEAK = 0.2              # a frame whose brightest 3x3 patch is dimmer than this holds no object
+REL_THRESHOLD = 0.5         # object pixels: brightness >= this fraction of the frame's peak (half maximum)
+MIN_AREA = 0.002            # of the frame (8 pixels at 64x64): a smaller blob is not an object
+MAX_AREA = 0.25             # of the frame: a larger bright region is not an object of the domain
+MIN_IOU = 0.6               # a mask that overlaps no area-matched shape template better than this has no shape
+MIN_SATURATION = 0.25       # a grayer object has no palette color
+MIN_DETECTED = 0.5          # attributes are judged only if the object is found in at least this fraction of frames
+MIN_DISPLACEMENT = 0.08     # of min(H, W): a smaller fitted displacement over the clip is "static"
+MIN_AXIS_RATIO = 1.5        # the main axis of motion must dominate the other by this factor
+MIN_TRACK_R2 = 0.5          # the line must explain this much of the track's variance along the main axis
+_SHAPE_AREA = {"circle": np.pi, "square": 1.7**2, "triangle": 3 * np.sqrt(3) / 4}  # area / radius**2
+_HUES = {name: float(np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360)
+         for name, (r, g, b) in COLORS.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class Detection:
+    """The object in one frame: pixel mask; centroid (x, y) in the domain's coordinates (pixel i spans [i, i+1))
+    and area in pixels, both sub-pixel from the soft coverage; mean RGB of its core; its brightness level."""
+
+    mask: np.ndarray
+    centroid: tuple[float, float]
+    area: float
+    color: tuple[float, float, float]
+    level: float
+
+
+@dataclass(frozen=True)
+class VideoScore:
+    prompt: str
+    color: str | None           # detected attributes (None: undetermined)
+    shape: str | None
+    direction: str | None       # None also when the object does not move enough
+    color_ok: bool
+    shape_ok: bool
+    motion_ok: bool
+    temporal_consistency: float  # [0, 1]
+    detail: float                # [0, 1]
+    detected_fraction: float     # [0, 1]
+    psnr: float | None = None    # dB against the reference, if one was given
+    ssim: float | None = None
+
+    @property
+    def all_ok(self) -> bool:
+        return self.color_ok and self.shape_ok and self.motion_ok
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_object(frame: np.ndarray) -> Detection | None:
+    """Segment the object in one (H, W, 3) frame: pixels at least half as bright (max over channels) as the
+    frame's brightest 3x3 patch, largest 8-connected component. None if the frame is dark or the blob tiny."""
+    frame = as_video(np.asarray(frame)[None])[0].astype(np.float64)
+    value = frame.max(axis=2)
+    h, w = value.shape
+    padded = pad2d(value, 1)
+    smooth = sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
+    peak = float(smooth.max())
+    if peak < MIN_PEAK:
+        return None
+    bright = value >= REL_THRESHOLD * peak
+    if bright.sum() < MIN_AREA * h * w:
+        return None
+    mask = np.zeros_like(bright)
+    win = bbox_window(bright, 1)
+    mask[win] = largest_component(bright[win])
+    if not MIN_AREA * h * w <= mask.sum() <= MAX_AREA * h * w:
+        return None
+    # Sub-pixel centroid and area from the soft coverage (brightness between the background floor and the
+    # object's level) near the mask: the binary mask alone is off by up to half a pixel per edge.
+    floor = quantile(value[~mask], 0.5) if not mask.all() else 0.0
+    level = quantile(value[mask], 0.75)
+    win = bbox_window(mask, 2)
+    weight = np.clip((value[win] - floor) / max(level - floor, 1e-6), 0.0, 1.0) * dilate(mask[win], 2)
+    total = float(weight.sum())
+    if total <= 0:
+        return None
+    ys, xs = np.mgrid[win] + 0.5
+    centroid = (float((weight * xs).sum() / total), float((weight * ys).sum() / total))
+    color = frame[mask & (value >= quantile(value[mask], 0.5))].mean(axis=0)
+    return Detection(mask, centroid, total, tuple(map(float, color)), level)
+
+
+def classify_color(rgb: tuple[float, float, float]) -> str | None:
+    """Nearest palette color by hue; None if the color is too gray (or black)."""
+    r, g, b = rgb
+    hi, lo = max(rgb), min(rgb)
+    if hi <= 0 or (hi - lo) / hi < MIN_SATURATION:
+        return None
+    hue = float(np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360)
+    return min(_HUES, key=lambda n: min(abs(hue - _HUES[n]), 360 - abs(hue - _HUES[n])))
+
+
+def _template(shape: str, det: Detection, x0: int, y0: int, h: int, w: int) -> np.ndarray:
+    radius = np.sqrt(det.area / _SHAPE_AREA[shape])
+    cx, cy = det.centroid  # every shape of the domain has its centroid at its center (the triangle: equilateral)
+    return shape_mask(shape, cx - x0, cy - y0, radius, h, w)
+
+
+def classify_shape(det: Detection) -> str | None:
+    """The domain shape whose area-matched template, centered on the centroid, best overlaps the mask (IoU);
+    None if even the best overlaps less than MIN_IOU."""
+    win = bbox_window(det.mask, 4)
+    crop = det.mask[win]
+    (y0, x0), (h, w) = (win[0].start, win[1].start), crop.shape
+
+    def iou(shape: str) -> float:
+        t = _template(shape, det, x0, y0, h, w) >= 0.5
+        return (t & crop).sum() / max((t | crop).sum(), 1)
+
+    ious = {shape: iou(shape) for shape in SHAPES}
+    best = max(ious, key=ious.get)
+    return best if ious[best] >= MIN_IOU else None
+
+
+def classify_direction(times: np.ndarray, centroids: np.ndarray, size: int) -> str | None:
+    """Direction of a least-squares line through the centroid track; None if it moves too little, diagonally,
+    or erratically (the line explains too little of the track)."""
+    if len(times) < 3:
+        return None
+    t, c = times - times.mean(), centroids - centroids.mean(axis=0)
+    slope = (t[:, None] * c).sum(axis=0) / max((t * t).sum(), 1e-9)
+    disp = slope * (times.max() - times.min())
+    major = int(np.argmax(np.abs(disp)))
+    r2 = 1.0 - ((c[:, major] - slope[major] * t) ** 2).sum() / max((c[:, major] ** 2).sum(), 1e-9)
+    if (abs(disp[major]) < MIN_DISPLACEMENT * size or abs(disp[major]) < MIN_AXIS_RATIO * abs(disp[1 - major])
+            or r2 < MIN_TRACK_R2):
+        return None
+    step = [0, 0]
+    step[major] = int(np.sign(disp[major]))
+    return next(name for name, d in DIRECTIONS.items() if list(d) == step)
+
+
+def _majority(labels: list[str | None]) -> str | None:
+    """The label of at least half of the frames (None votes count against), else None."""
+    votes = [x for x in labels if x is not None]
+    best = max(dict.fromkeys(votes), key=votes.count) if votes else None  # ties: the first seen
+    return best if best is not None and 2 * votes.count(best) >= len(labels) else None
+
+
+def _temporal_consistency(dets: list[Detection], fraction: float) -> float:
+    """fraction x (1 - clip(area flicker + color flicker + position jerk, 0, 1)) over consecutive found frames."""
+    if len(dets) < 3:
+        return 0.0 if len(dets) < 2 else fraction
+    area = np.array([d.area for d in dets])
+    color = np.array([d.color for d in dets])
+    pos = np.array([d.centroid for d in dets])
+    area_flicker = np.abs(np.diff(area)).mean() / area.mean()
+    color_flicker = np.abs(np.diff(color, axis=0)).max(axis=1).mean()
+    jerk = np.linalg.norm(np.diff(pos, n=2, axis=0), axis=1).mean() / np.sqrt(area.mean())
+    return float(fraction * (1.0 - np.clip(area_flicker + color_flicker + jerk, 0.0, 1.0)))
+
+
+def _detail(video: np.ndarray, dets: list[Detection | None], shapes: list[str | None]) -> float:
+    """Edge energy of the video near the object (brightness normalized by its core, minus the background's noise
+    energy) over that of a clean rendering of the detected shape at the detected position and size."""
+    num = den = 0.0
+    for frame, det, shape in zip(video, dets, shapes):
+        if det is None or shape is None:
+            continue
+        value = frame.max(axis=2).astype(np.float64) / max(det.level, 1e-6)
+        e_video = gradient_energy(value)
+        win = bbox_window(det.mask, 8)  # holds the whole clean template and the band around its edges
+        e_clean = gradient_energy(_template(shape, det, win[1].start, win[0].start, *det.mask[win].shape))
+        band = dilate(e_clean > 0, 3)
+        background = np.ones(value.shape, dtype=bool)
+        background[win] = ~dilate(band | det.mask[win], 3)
+        noise = float(e_video[background].mean()) if background.any() else 0.0
+        e_video = e_video[win]
+        num += e_video[band].sum() - noise * band.sum()
+        den += e_clean[band].sum()
+    return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0
+
+
+def score_video(frames: np.ndarray, prompt: str, reference: np.ndarray | None = None) -> VideoScore:
+    """Score one video (F, H, W, 3; float in [0, 1] or uint8) against its prompt (and a reference video)."""
+    want_color, want_shape, want_direction = parse_prompt(prompt)
+    video = as_video(frames)
+    num_frames, h, w, _ = video.shape
+    all_dets = [find_object(f) for f in video]
+    found = [i for i, d in enumerate(all_dets) if d is not None]
+    dets = [all_dets[i] for i in found]
+    fraction = len(found) / num_frames
+    color = shape = direction = None
+    frame_shapes: list[str | None] = [None] * num_frames
+    if dets and fraction >= MIN_DETECTED:
+        color = _majority([classify_color(d.color) for d in dets])
+        for i in found:
+            frame_shapes[i] = classify_shape(all_dets[i])
+        shape = _majority([frame_shapes[i] for i in found])
+        direction = classify_direction(np.array(found, float), np.array([d.centroid for d in dets]), min(h, w))
+    return VideoScore(
+        prompt=prompt, color=color, shape=shape, direction=direction,
+        color_ok=color == want_color, shape_ok=shape == want_shape, motion_ok=direction == want_direction,
+        temporal_consistency=_temporal_consistency(dets, fraction),
+        detail=_detail(video, all_dets, frame_shapes) if shape else 0.0,
+        detected_fraction=fraction,
+        psnr=None if reference is None else psnr(video, reference),
+        ssim=None if reference is None else ssim(video, reference),
+    )
+
+
+def summarize(scores: list[VideoScore]) -> dict:
+    """Accuracies in percent per attribute (and all three), mean scores; PSNR/SSIM over videos that have them."""
+    n = len(scores)
+
+    def pct(key: str) -> float:
+        return round(100.0 * sum(bool(getattr(s, key)) for s in scores) / n, 2) if n else 0.0
+
+    def mean(key: str) -> float | None:
+        vals = [getattr(s, key) for s in scores if getattr(s, key) is not None]
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    return {"videos": n, "color_acc": pct("color_ok"), "shape_acc": pct("shape_ok"),
+            "motion_acc": pct("motion_ok"), "all_acc": pct("all_ok"),
+            **{k: mean(k) for k in ("temporal_consistency", "detail", "detected_fraction", "psnr", "ssim")}}
+
+
+def validate(n: int = 500, seed: int = 0, noise: float = 0.05, blur: float = 0.7, num_frames: int = 17,
+             size: int = 64, conditions: tuple[str, ...] = ("clean", "augmented")) -> dict:
+    """Score n random ground-truth clips of the domain (random color, shape, direction, size, speed, start) in
+    each condition: "clean" as rendered, "augmented" through `augment`. A summary per condition."""
+    unknown = set(conditions) - {"clean", "augmented"}
+    if unknown:
+        raise ValueError(f"unknown validation conditions {sorted(unknown)}; use 'clean' and/or 'augmented'")
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[VideoScore]] = {name: [] for name in conditions}
+    start = time.perf_counter()
+    for _ in range(n):
+        spec = sample_spec(rng, num_frames=num_frames, size=size)
+        frames, _ = render_clip(spec, num_frames, size, size)
+        if "clean" in scores:
+            scores["clean"].append(score_video(frames, spec.prompt))
+        if "augmented" in scores:
+            scores["augmented"].append(score_video(augment(frames, rng, noise, blur), spec.prompt))
+    out: dict = {name: summarize(s) for name, s in scores.items()}
+    out["settings"] = {"n": n, "seed": seed, "noise": noise, "blur": blur, "num_frames": num_frames, "size": size,
+                       "seconds": round(time.perf_counter() - start, 2)}
+    return out
+
+
+def _read_manifest(path: Path) -> list[dict]:
+    entries = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from exc
+        if not isinstance(entry, dict) or "path" not in entry or "prompt" not in entry:
+            raise ValueError(f"{path}:{lineno}: each line needs 'path' and 'prompt'")
+        for key in ("path", "reference"):
+            if entry.get(key) and not Path(entry[key]).is_absolute():
+                entry[key] = str(path.parent / entry[key])
+        entries.append(entry)
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="srserve eval", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    vid = sub.add_parser("videos", help="score videos (.npy or .mp4) against prompts; prints a JSON summary")
+    vid.add_argument("paths", nargs="*", help="video files, all scored against --prompt")
+    vid.add_argument("--prompt", help="'a COLOR SHAPE moving DIRECTION' for the listed paths")
+    vid.add_argument("--reference", help="reference video for PSNR/SSIM of the listed paths")
+    vid.add_argument("--manifest", type=Path, help='JSONL: {"path": ..., "prompt": ..., "reference": optional}')
+    vid.add_argument("--per-video", action="store_true", help="include every video's scores")
+    val = sub.add_parser("validate", help="accuracy of the evaluator on ground-truth clips of the domain")
+    val.add_argument("--n", type=int, default=500)
+    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--noise", type=float, default=0.05, help="noise sigma of the augmented condition")
+    val.add_argument("--blur", type=float, default=0.7, help="blur sigma (pixels) of the augmented condition")
+    val.add_argument("--frames", type=int, default=17)
+    val.add_argument("--size", type=int, default=64, help="frame height and width")
+    args = parser.parse_args(argv)
+    if args.command == "validate":
+        if args.n < 1 or args.frames < 2 or args.size < 16 or args.noise < 0 or args.blur < 0:
+            parser.error("need --n >= 1, --frames >= 2, --size >= 16, --noise >= 0, --blur >= 0")
+        print(json.dumps(validate(args.n, args.seed, args.noise, args.blur, args.frames, args.size), indent=2))
+        return 0
+    try:
+        entries = _read_manifest(args.manifest) if args.manifest else []
+        if args.paths:
+            if not args.prompt:
+                parser.error("--prompt is required with video paths")
+            entries += [{"path": p, "prompt": args.prompt, "reference": args.reference} for p in args.paths]
+        if not entries:
+            parser.error("give video paths with --prompt, or --manifest")
+        scores = []
+        for e in entries:
+            try:
+                ref = load_video(e["reference"]) if e.get("reference") else None
+                scores.append(score_video(load_video(e["path"]), e["prompt"], ref))
+            except ValueError as exc:
+                raise ValueError(f"{e['path']}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        print(f"srserve eval: error: {exc}", file=sys.stderr)
+        return 2
+    out: dict = {"summary": summarize(scores)}
+    if args.per_video:
+        out["videos"] = [{"path": e["path"], **s.to_dict()} for e, s in zip(entries, scores)]
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
