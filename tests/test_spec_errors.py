@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from srserve.pipeline.spec import ModelSpecError, resolve_model_spec
-from srserve.tiny.random_model import build_random_wan
 
 
 @pytest.fixture()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -108,3 +109,8 @@ def step_accepts_generator(scheduler: Any) -> bool:
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+
+
+def read_json(*parts: str) -> dict[str, Any]:
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)

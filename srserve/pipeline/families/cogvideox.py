@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from srserve.config import GenerationRequest, ModelSpec
-from srserve.pipeline.families.base import DTYPES, Defaults, StepInput, load_transformer, reset_cache, role_path, stack
+from srserve.pipeline.families.base import (
+    DTYPES, Defaults, StepInput, load_transformer, read_json, reset_cache, role_path, stack,
+)
 from srserve.pipeline.handoff import PromptEmbeddings
 
 X0 = "pred_original_sample"
@@ -46,14 +48,14 @@ class CogVideoXFamily:
         # diffusers' `use_dynamic_cfg` (recommended for CogVideoX-5b with DPM).
         self.use_dynamic_cfg = spec.use_dynamic_cfg
         render_base = spec.render_base_path or spec.base_path
-        self.vae_config = _read_json(spec.base_path, "vae", "config.json")
-        self.scheduler_configs = {"sketch": _read_json(spec.base_path, "scheduler", "scheduler_config.json")}
+        self.vae_config = read_json(spec.base_path, "vae", "config.json")
+        self.scheduler_configs = {"sketch": read_json(spec.base_path, "scheduler", "scheduler_config.json")}
         self.scheduler_configs["render"] = _read_json_or(
             self.scheduler_configs["sketch"], render_base, "scheduler", "scheduler_config.json")
-        render_vae = _read_json(render_base, "vae", "config.json")
+        render_vae = read_json(render_base, "vae", "config.json")
         self.scaling = {"sketch": float(self.vae_config.get("scaling_factor", 1.15258426)),
                         "render": float(render_vae.get("scaling_factor", 1.15258426))}
-        self.transformer_configs = {r: _read_json(role_path(spec, r), "config.json") for r in ("sketch", "render")}
+        self.transformer_configs = {r: read_json(role_path(spec, r), "config.json") for r in ("sketch", "render")}
         lengths = {r: c.get("max_text_seq_length", 226) for r, c in self.transformer_configs.items()}
         if lengths["sketch"] != lengths["render"]:
             raise ModelSpecError(f"sketch and render transformers differ in max_text_seq_length: {lengths}")
@@ -266,7 +268,7 @@ def validate_render_vae(spec: ModelSpec, base_vae_config: dict[str, Any]) -> Non
     if not os.path.isfile(path):
         raise ModelSpecError(f"render_base_path {spec.render_base_path!r}: {path} does not exist")
     try:
-        render = _read_json(path)
+        render = read_json(path)
     except json.JSONDecodeError as err:
         raise ModelSpecError(f"render_base_path: {path} is not valid JSON: {err}") from None
     keys = (set(render) | set(base_vae_config)) - {"scaling_factor"}
@@ -276,11 +278,6 @@ def validate_render_vae(spec: ModelSpec, base_vae_config: dict[str, Any]) -> Non
                              f"must share the VAE (only scaling_factor may differ)")
 
 
-def _read_json(*parts: str) -> dict[str, Any]:
-    with open(os.path.join(*parts)) as f:
-        return json.load(f)
-
-
 def _read_json_or(default: dict[str, Any], *parts: str) -> dict[str, Any]:
     path = os.path.join(*parts)
-    return _read_json(path) if os.path.isfile(path) else default
+    return read_json(path) if os.path.isfile(path) else default

@@ -4,7 +4,6 @@ Mirrors diffusers' `WanPipeline` step for step, so that a run here equals a run 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 
 from srserve.config import GenerationRequest, ModelSpec
 from srserve.pipeline.families.base import (
-    DTYPES, Defaults, StepInput, load_transformer, reset_cache, stack, step_accepts_generator,
+    DTYPES, Defaults, StepInput, load_transformer, read_json, reset_cache, stack, step_accepts_generator,
 )
 from srserve.pipeline.handoff import PromptEmbeddings
 
@@ -28,8 +27,8 @@ class WanFamily:
 
         self.spec = spec
         self.device = torch.device(spec.device)
-        self.scheduler_config = _read_json(spec.base_path, "scheduler", "scheduler_config.json")
-        self.vae_config = _read_json(spec.base_path, "vae", "config.json")
+        self.scheduler_config = read_json(spec.base_path, "scheduler", "scheduler_config.json")
+        self.vae_config = read_json(spec.base_path, "vae", "config.json")
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
         self.vae_scale_temporal = int(self.vae_config.get("scale_factor_temporal", 4))
         self.vae_scale_spatial = int(self.vae_config.get("scale_factor_spatial", 8))
@@ -140,8 +139,3 @@ class WanFamily:
             latents.device, latents.dtype)
         video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type="np")[0].astype(np.float32)
-
-
-def _read_json(base: str, *parts: str) -> dict[str, Any]:
-    with open(os.path.join(base, *parts)) as f:
-        return json.load(f)
