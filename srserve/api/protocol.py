@@ -1,0 +1,229 @@
+"""The /v1/videos protocol: request and response models (the OpenAI `Video` shape) and request validation.
+
+Validation turns a create body into a `GenerationRequest` for one configured model, or raises `ApiError` naming
+the offending field and the limit. Pure data: no Ray, no FastAPI.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from srserve.config import GenerationRequest
+
+JobStatus = Literal["queued", "in_progress", "completed", "failed"]
+VARIANTS = {  # download variant -> (artifact name, media type)
+    "video": ("video.mp4", "video/mp4"),
+    "thumbnail": ("thumbnail.webp", "image/webp"),
+    "spritesheet": ("spritesheet.jpg", "image/jpeg"),
+    "npy": ("frames.npy", "application/octet-stream"),
+}
+_DEFAULT_GUIDANCE = GenerationRequest.model_fields["guidance_scale"].default
+_DEFAULT_SEED = GenerationRequest.model_fields["seed"].default
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+class ApiError(Exception):
+    """An HTTP refusal in the OpenAI error shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(422, f"{param}: {message}", param=param, code=code)
+
+
+class RequestLimits(BaseModel):
+    """What one request may ask for; anything beyond is refused with 422 naming the field and the limit."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_width: int = Field(1280, ge=16)
+    max_height: int = Field(1280, ge=16)
+    max_frames: int = Field(129, ge=1)
+    max_steps: int = Field(100, ge=1)
+    max_guidance_scale: float = Field(20.0, ge=0)
+    max_fps: int = Field(60, ge=1)
+
+
+class ModelInfo(BaseModel):
+    """What the ingress knows of the served model without loading weights."""
+
+    name: str
+    fps: int
+    default_num_frames: int
+    default_height: int
+    default_width: int
+    default_steps: int
+    default_switch: str
+    frame_stride: int = 4  # num_frames must be stride*k+1 (the VAE's temporal compression)
+    size_multiple: int = 16  # height and width multiples (VAE stride x patch size)
+
+
+class VideoCreateBody(BaseModel):
+    """POST /v1/videos, as JSON or multipart form. srserve's own fields ride along as extra body fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(description="what the video shows")
+    model: str | None = Field(None, description="a configured model name (GET /v1/models)")
+    seconds: str | None = Field(None, description="clip length in seconds; mapped to frames at the model's fps")
+    size: str | None = Field(None, description="WIDTHxHEIGHT, e.g. 832x480")
+    input_reference: Any = Field(None, description="not supported: text-to-video only")
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, description="random seed; the same seed gives the same video")
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    switch: str | None = Field(None, description="none | small-only | step:K | ratio:R | adaptive[:THR]")
+    num_frames: int | None = Field(None, description="overrides seconds")
+    fps: int | None = Field(None, description="output frame rate (default: the model's)")
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _seconds_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    """The OpenAI `Video` object."""
+
+    id: str
+    object: Literal["video"] = "video"
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    model: str
+    progress: int = Field(ge=0, le=100)
+    prompt: str | None = None
+    remixed_from_video_id: str | None = None
+    seconds: str
+    size: str
+    status: JobStatus
+    error: VideoError | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class ResolvedRequest(BaseModel):
+    """A validated create: the engine request plus what the Video object reports."""
+
+    generation: GenerationRequest
+    model: str
+    fps: int
+    seconds: str
+    size: str
+
+
+def resolve_create(body: VideoCreateBody, model: ModelInfo, limits: RequestLimits,
+                   parse_switch: Any = None) -> ResolvedRequest:
+    """Validate a create body against the model and the limits; ApiError(422) names the field and the limit.
+
+    `parse_switch(text)` raises ValueError for an unknown switch policy (the engine's `parse_policy`).
+    """
+    if body.input_reference not in (None, ""):
+        raise invalid("input_reference", "reference inputs are not supported (text-to-video only)")
+    if body.model not in (None, model.name):
+        raise ApiError(422, f"model: unknown model {body.model!r}; this server serves {model.name!r}",
+                       param="model", code="model_not_found")
+    prompt = body.prompt.strip()
+    if not prompt:
+        raise invalid("prompt", "must not be empty")
+    _at_most("prompt", len(body.prompt), limits.max_prompt_chars, "characters")
+    negative = body.negative_prompt or ""
+    _at_most("negative_prompt", len(negative), limits.max_prompt_chars, "characters")
+    width, height = _size(body.size, model, limits)
+    fps = model.fps if body.fps is None else body.fps
+    if not 1 <= fps <= limits.max_fps:
+        raise invalid("fps", f"must be between 1 and {limits.max_fps}, got {fps}")
+    num_frames, seconds = _frames(body, model, limits, fps)
+    steps = model.default_steps if body.num_inference_steps is None else body.num_inference_steps
+    if not 1 <= steps <= limits.max_steps:
+        raise invalid("num_inference_steps", f"must be between 1 and {limits.max_steps}, got {steps}")
+    guidance = _DEFAULT_GUIDANCE if body.guidance_scale is None else body.guidance_scale
+    if not (math.isfinite(guidance) and 0.0 <= guidance <= limits.max_guidance_scale):
+        raise invalid("guidance_scale", f"must be between 0 and {limits.max_guidance_scale:g}, got {guidance}")
+    seed = _DEFAULT_SEED if body.seed is None else body.seed
+    if not 0 <= seed < 2**63:
+        raise invalid("seed", f"must be between 0 and 2**63-1, got {seed}")
+    switch = body.switch or model.default_switch
+    if parse_switch is not None:
+        try:
+            switch = str(parse_switch(switch))
+        except ValueError as err:
+            raise invalid("switch", str(err)) from None
+    generation = GenerationRequest(prompt=body.prompt, negative_prompt=negative, num_inference_steps=steps,
+                                   num_frames=num_frames, height=height, width=width, seed=seed,
+                                   guidance_scale=guidance, switch=switch)
+    return ResolvedRequest(generation=generation, model=model.name, fps=fps, seconds=seconds,
+                           size=f"{width}x{height}")
+
+
+def _at_most(param: str, value: int, limit: int, unit: str) -> None:
+    if value > limit:
+        raise invalid(param, f"at most {limit} {unit} allowed, got {value}")
+
+
+def _size(text: str | None, model: ModelInfo, limits: RequestLimits) -> tuple[int, int]:
+    if text is None:
+        return model.default_width, model.default_height
+    match = _SIZE.match(text)
+    if not match:
+        raise invalid("size", f"expected WIDTHxHEIGHT such as {model.default_width}x{model.default_height}, "
+                              f"got {text!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    m = model.size_multiple
+    if width % m or height % m or not width or not height:
+        raise invalid("size", f"width and height must be positive multiples of {m}, got {width}x{height}")
+    if width > limits.max_width or height > limits.max_height:
+        raise invalid("size", f"at most {limits.max_width}x{limits.max_height} allowed, got {width}x{height}")
+    return width, height
+
+
+def _frames(body: VideoCreateBody, model: ModelInfo, limits: RequestLimits, fps: int) -> tuple[int, str]:
+    """(num_frames, seconds as reported): num_frames wins; seconds maps to the nearest stride*k+1 frames."""
+    s = model.frame_stride
+    if body.num_frames is not None:
+        frames = body.num_frames
+        if frames < 1 or (frames - 1) % s:
+            raise invalid("num_frames", f"must be {s}k+1 (1, {s + 1}, {2 * s + 1}, ...), got {frames}")
+    elif body.seconds is not None:
+        try:
+            seconds = float(body.seconds)
+        except ValueError:
+            raise invalid("seconds", f"expected a number of seconds, got {body.seconds!r}") from None
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise invalid("seconds", f"must be a positive number, got {body.seconds!r}")
+        frames = s * max(0, round((seconds * fps - 1) / s)) + 1
+        if frames > limits.max_frames:
+            raise invalid("seconds", f"{body.seconds}s at {fps} fps is {frames} frames; at most "
+                                     f"{limits.max_frames} frames ({limits.max_frames / fps:g}s) allowed")
+        return frames, body.seconds
+    else:
+        frames = model.default_num_frames
+    _at_most("num_frames", frames, limits.max_frames, "frames")
+    return frames, f"{frames / fps:g}"

@@ -1,0 +1,41 @@
+"""`build_app`: validate `AppArgs`, then wire the deployments by passing handles (as Ray Serve LLM's builders do).
+
+    JobStore ─┬─ Encode ─ Sketch ─ Render ─ Decode      (stage replicas report to the JobStore)
+              └─ Ingress (FastAPI; drives each job through the stages by handle)
+
+Usable as `import_path: srserve.serving:build_app` in a Serve config (its `args:` are `AppArgs`) and from
+Python: `serve.run(build_app({"model": None}))`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from srserve.serving.args import AppArgs
+from srserve.serving.ingress import Ingress
+from srserve.serving.jobs import SQLiteJobStore
+from srserve.serving.stages import Decode, Encode, Render, Sketch
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
+    """The srserve Serve application. Raises pydantic's ValidationError naming any bad argument."""
+    args = (args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})).resolved()
+    store = serve.deployment(SQLiteJobStore).options(
+        name="JobStore", num_replicas=1, max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": args.job_store_num_cpus, "resources": args.job_store_resources},
+        logging_config={"enable_access_log": False},
+    ).bind(args.job_store_path)
+    stage_args = {name: opts.model_dump() for name, opts in args.stages().items()}
+    encode = serve.deployment(Encode).options(name="Encode", **args.encode.deployment_options()).bind(
+        args.model, store, stage_args["encode"])
+    sketch = serve.deployment(Sketch).options(name="Sketch", **args.sketch.deployment_options()).bind(
+        args.model, store, stage_args["sketch"])
+    render = serve.deployment(Render).options(name="Render", **args.render.deployment_options()).bind(
+        args.model, store, stage_args["render"])
+    decode = serve.deployment(Decode).options(name="Decode", **args.decode.deployment_options()).bind(
+        args.model, store, stage_args["decode"], args.artifacts_url)
+    ingress = serve.deployment(Ingress).options(
+        name="Ingress", **args.ingress.deployment_options(args.retry_after_s),
+    )
+    return ingress.bind(store, encode, sketch, render, decode, args.model_dump())

@@ -1,0 +1,157 @@
+"""The serving app's arguments: one pydantic model, validated once by `build_app` (from Python or a Serve config).
+
+Placement is per stage: replicas, CPUs, GPUs and a custom Ray resource naming the pool (`sketch_pool`,
+`render_pool` by default) so each pool maps to a KubeRay worker group advertising that resource.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from srserve.api.protocol import RequestLimits
+from srserve.config import ModelSpec
+
+
+class StageOptions(BaseModel):
+    """Placement and flow control of one stage's deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int = Field(1, ge=1)
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling; replaces num_replicas")
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    pool: str | None = Field(None, description="custom Ray resource of this stage's pool, e.g. sketch_pool")
+    pool_amount: float = Field(1.0, gt=0, description="units of `pool` each replica takes")
+    resources: dict[str, float] = Field(default_factory=dict, description="further custom resources")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default: max_batch_size")
+    max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded (the ingress admits jobs)")
+    graceful_shutdown_timeout_s: float = Field(900.0, ge=0, description="long enough to finish a video")
+    health_check_period_s: float = Field(10.0, gt=0)
+    max_batch_size: int = Field(1, ge=1, description="requests sharing a denoising step (sketch, render)")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="wait for more requests before a new batch")
+    torch_threads: int | None = Field(None, ge=1)
+
+    def resources_needed(self) -> dict[str, float]:
+        needed = dict(self.resources)
+        if self.pool:
+            needed[self.pool] = needed.get(self.pool, 0.0) + self.pool_amount
+        return needed
+
+    def deployment_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests or self.max_batch_size,
+            "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  "resources": self.resources_needed()},
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+# Each stage's own defaults, kept when a config sets only some fields. `pool: null` places without a pool.
+class EncodeOptions(StageOptions):
+    pool: str | None = "render_pool"
+    pool_amount: float = Field(0.25, gt=0)
+    prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept per replica (LRU)")
+
+
+class SketchOptions(StageOptions):
+    pool: str | None = "sketch_pool"
+
+
+class RenderOptions(StageOptions):
+    pool: str | None = "render_pool"
+    pool_amount: float = Field(0.5, gt=0)
+
+
+class DecodeOptions(StageOptions):
+    pool: str | None = "render_pool"
+    pool_amount: float = Field(0.25, gt=0)
+
+
+class IngressOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(200, ge=1)
+    max_queued_requests: int = Field(200, ge=-1)
+    backpressure_status: Literal[429, 503] = 429
+
+    def deployment_options(self, retry_after_s: float) -> dict[str, Any]:
+        return {"num_replicas": self.num_replicas, "max_ongoing_requests": self.max_ongoing_requests,
+                "max_queued_requests": self.max_queued_requests,
+                "backpressure_config": {"status_code": self.backpressure_status, "retry_after_s": retry_after_s},
+                "ray_actor_options": {"num_cpus": self.num_cpus}}
+
+
+class WatchdogOptions(BaseModel):
+    """No job stays in_progress forever: leases on drivers, heartbeats from stages, deadlines."""
+
+    model_config = ConfigDict(extra="forbid")
+    interval_s: float = Field(1.0, gt=0, description="how often a driver renews leases and checks its jobs")
+    lease_s: float = Field(15.0, gt=0, description="a job whose driver stops renewing is taken over after this")
+    stage_timeout_s: float = Field(600.0, gt=0, description="a running stage silent this long is retried")
+    job_timeout_s: float = Field(7200.0, gt=0, description="a job not finished after this fails")
+    cancel_grace_s: float = Field(5.0, ge=0, description="after DELETE, wait this long for a stage to stop")
+
+    @model_validator(mode="after")
+    def _lease_outlasts_interval(self) -> "WatchdogOptions":
+        if self.lease_s <= 2 * self.interval_s:
+            raise ValueError(f"watchdog.lease_s ({self.lease_s}) must exceed 2 x interval_s ({self.interval_s})")
+        return self
+
+
+class AppArgs(BaseModel):
+    """Everything `srserve.serving:build_app` takes (the `args:` of a Serve config application)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | ModelSpec | None = Field(
+        None, description="model spec: a diffusers dir, a YAML/JSON spec file, or the ModelSpec fields inline "
+                          "(checkpoint paths); None: the bundled srd-tiny")
+    model_name: str | None = Field(None, description="name clients use; default: the spec's name")
+    encode: EncodeOptions = Field(default_factory=EncodeOptions)
+    sketch: SketchOptions = Field(default_factory=SketchOptions)
+    render: RenderOptions = Field(default_factory=RenderOptions)
+    decode: DecodeOptions = Field(default_factory=DecodeOptions)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+    job_store_path: str = Field(".srserve/jobs.sqlite", description="SQLite file of the job records")
+    job_store_num_cpus: float = Field(0.0, ge=0)
+    job_store_resources: dict[str, float] = Field(default_factory=dict,
+                                                  description="pin the JobStore where its volume is")
+    artifacts_url: str = Field(".srserve/artifacts", description="fsspec URL or directory for videos")
+    save_frames_npy: bool = Field(False, description="also store float32 frames (frames.npy variant)")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    max_pending_jobs: int = Field(64, ge=1, description="queued + in_progress jobs before 429")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429")
+    max_retries: int = Field(2, ge=0, description="retries of a job whose stage replica died or stalled")
+    watchdog: WatchdogOptions = Field(default_factory=WatchdogOptions)
+
+    def resolved(self) -> "AppArgs":
+        """Local paths made absolute where the app is built, so every replica sees the same files."""
+        updates: dict[str, Any] = {"job_store_path": str(Path(self.job_store_path).expanduser().resolve())}
+        if "://" not in self.artifacts_url:
+            updates["artifacts_url"] = str(Path(self.artifacts_url).expanduser().resolve())
+        if isinstance(self.model, str) and "://" not in self.model:
+            updates["model"] = str(Path(self.model).expanduser().resolve())
+        return self.model_copy(update=updates)
+
+    def stages(self) -> dict[str, StageOptions]:
+        return {"encode": self.encode, "sketch": self.sketch, "render": self.render, "decode": self.decode}
+
+    def resources_needed(self) -> dict[str, float]:
+        """Custom resources the whole app needs at its configured replica counts (for a local cluster)."""
+        total: dict[str, float] = {}
+        for options in self.stages().values():
+            replicas = options.num_replicas
+            if options.autoscaling_config:
+                replicas = int(options.autoscaling_config.get("max_replicas", replicas))
+            for name, amount in options.resources_needed().items():
+                total[name] = total.get(name, 0.0) + amount * replicas
+        return total

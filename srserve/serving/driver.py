@@ -1,0 +1,193 @@
+"""The job driver inside each ingress replica: submits the stage chain, retries, and watches its jobs.
+
+`decode.remote(render.remote(sketch.remote(encode.remote(msg))))` passes object references, so the handoff
+state goes replica to replica and the driver only ever receives Decode's small metadata. The driver holds a
+lease on each job it drives; a watchdog loop renews the leases, checks heartbeats and deadlines, and takes over
+jobs whose driver died (an ingress restart). Every accepted job ends completed, failed or cancelled.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray.serve.exceptions import BackPressureError
+
+from srserve.config import GenerationRequest
+from srserve.serving.args import WatchdogOptions
+from srserve.serving.calls import StageStalled, call, describe, is_replica_loss
+from srserve.serving.messages import JobCancelled, StageMessage
+
+logger = logging.getLogger("ray.serve")
+
+
+class JobTimedOut(RuntimeError):
+    """The job ran past `watchdog.job_timeout_s` (not retried)."""
+
+
+class Superseded(RuntimeError):
+    """Another driver took the job over (this one lost its lease): stop without touching the record."""
+
+
+async def cancel_all(responses: list[Any]) -> None:
+    """Best-effort cancel of a chain's calls. `cancel()` may wait for a replica assignment: not on the loop."""
+    def cancel() -> None:
+        for response in responses:
+            try:
+                response.cancel()
+            except Exception:  # already finished or failed: nothing left to cancel
+                pass
+
+    await asyncio.to_thread(cancel)
+
+
+class JobDriver:
+    def __init__(self, store: Any, stages: dict[str, Any], owner: str, watchdog: WatchdogOptions,
+                 max_retries: int, retry_after_s: float, on_cancelled: Any = None) -> None:
+        self.store, self.stages, self.owner = store, stages, owner
+        self.watchdog, self.max_retries, self.retry_after_s = watchdog, max_retries, retry_after_s
+        self.on_cancelled = on_cancelled  # async callable(job_id): clean up a cancelled job's artifacts
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._aborts: dict[str, asyncio.Future] = {}
+        self._loop_task: asyncio.Task | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def stop(self) -> None:
+        for task in [self._loop_task, *self._tasks.values()]:
+            if task is not None:
+                task.cancel()
+
+    def drive(self, job_id: str) -> None:
+        """Run the job to its end in the background (no-op when already driven here)."""
+        if job_id not in self._tasks:
+            self._tasks[job_id] = asyncio.get_running_loop().create_task(self._drive(job_id))
+
+    @property
+    def active(self) -> list[str]:
+        return list(self._tasks)
+
+    # --- one job ------------------------------------------------------------------------------------------
+    async def _drive(self, job_id: str) -> None:
+        try:
+            while await self._attempt(job_id):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the store is unreachable for long: the lease lapses and another driver resumes
+            logger.exception("driving job %s failed; its lease will lapse and it will be resumed", job_id)
+        finally:
+            self._tasks.pop(job_id, None)
+            self._aborts.pop(job_id, None)
+
+    async def _attempt(self, job_id: str) -> bool:
+        """Run one attempt; True to run another."""
+        job = await call(self.store, "begin_attempt", job_id, self.owner, self.watchdog.lease_s)
+        if job is None:
+            return False
+        attempt, request = job["attempt"], job["request"]
+        msg = StageMessage(job_id, attempt, GenerationRequest.model_validate(request["generation"]),
+                           request["fps"], request.get("save_frames", False))
+        abort = asyncio.get_running_loop().create_future()
+        self._aborts[job_id] = abort
+        responses = self._submit(msg)
+        try:
+            result = await self._wait(responses, abort)
+        except Superseded:
+            return False
+        except BackPressureError:  # a stage queue is full: not the job's fault, try again shortly
+            await cancel_all(responses)
+            await asyncio.sleep(self.retry_after_s)
+            return True
+        except JobCancelled as err:  # deleted by a user, or superseded (then the store leaves the record alone)
+            if await call(self.store, "mark_cancelled", job_id, describe(err)):
+                await self._cancelled(job_id)
+            return False
+        except JobTimedOut as err:
+            await call(self.store, "fail", job_id, attempt, "timeout", str(err))
+            return False
+        except Exception as err:
+            await cancel_all(responses)
+            if not is_replica_loss(err):
+                await call(self.store, "fail", job_id, attempt, "generation_failed", describe(err))
+                return False
+            logger.warning("job %s attempt %d lost a replica: %s", job_id, attempt, describe(err))
+            verdict = await call(self.store, "retry_or_fail", job_id, attempt, describe(err), self.max_retries)
+            if verdict == "cancelled":
+                await self._cancelled(job_id)
+            return verdict == "retry"
+        if await call(self.store, "complete", job_id, attempt, result) == "deleted":
+            await self._cancelled(job_id)  # deleted while finishing: drop what Decode wrote
+        return False
+
+    def _submit(self, msg: StageMessage) -> list[Any]:
+        """Chain the stages by handle: each gets the previous one's response, i.e. an object reference."""
+        responses, previous = [], msg
+        for name in ("encode", "sketch", "render", "decode"):
+            previous = self.stages[name].remote(previous)
+            responses.append(previous)
+        return responses
+
+    async def _wait(self, responses: list[Any], abort: asyncio.Future) -> Any:
+        """Decode's result, unless the watchdog aborts first (then every call of the chain is cancelled)."""
+        async def result() -> Any:
+            return await responses[-1]
+
+        task = asyncio.ensure_future(result())
+        done, _ = await asyncio.wait({task, abort}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await cancel_all(responses)
+        raise abort.exception()
+
+    async def _cancelled(self, job_id: str) -> None:
+        if self.on_cancelled is not None:
+            await self.on_cancelled(job_id)
+
+    # --- the watchdog -------------------------------------------------------------------------------------
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                await self._watch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                logger.warning("job watchdog round failed: %s", describe(err))
+            await asyncio.sleep(self.watchdog.interval_s)
+
+    async def _watch_once(self) -> None:
+        w = self.watchdog
+        records = await call(self.store, "renew", self.owner, self.active, w.lease_s, retry_s=w.interval_s)
+        now = time.time()
+        for job_id, job in records.items():
+            problem = self._problem(job, now)
+            abort = self._aborts.get(job_id)
+            if problem is not None and abort is not None and not abort.done():
+                abort.set_exception(problem)
+        claimed = await call(self.store, "claim_orphans", self.owner, w.lease_s, self.max_retries, self.active,
+                             retry_s=w.interval_s)
+        for job_id in claimed:
+            logger.info("resuming job %s (its driver's lease lapsed)", job_id)
+            self.drive(job_id)
+
+    def _problem(self, job: dict[str, Any], now: float) -> BaseException | None:
+        w = self.watchdog
+        if job["owner"] != self.owner:
+            return Superseded(f"job taken over by driver {job['owner']}")
+        if job["cancel_requested"]:
+            stage = job["stages"].get(job["stage"] or "", {})
+            since = stage.get("start") if job["stage"] else None
+            # A running stage stops itself at the next step; a job waiting in a queue is cut loose now.
+            if since is None or now - (job["heartbeat_at"] or since) > w.cancel_grace_s:
+                return JobCancelled("cancelled while waiting")
+        if now - job["created_at"] > w.job_timeout_s:
+            return JobTimedOut(f"job ran longer than {w.job_timeout_s:g}s")
+        if job["stage"] and job["heartbeat_at"] and now - job["heartbeat_at"] > w.stage_timeout_s:
+            replica = job["stages"].get(job["stage"], {}).get("replica")
+            return StageStalled(f"stage {job['stage']} on replica {replica} sent no heartbeat for "
+                                f"{w.stage_timeout_s:g}s")
+        return None
