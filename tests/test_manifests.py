@@ -1,0 +1,697 @@
+"""The deployment files: Kubernetes manifests (k8s/), Serve configs and monitoring (deployments/).
+
+Pure Python and fast: no cluster, no Ray runtime. Each kustomization is rendered here by applying its patches (the
+subset of kustomize the manifests use; cross-checked against `kubectl kustomize` where kubectl is installed), then
+every RayService is checked the way KubeRay, Ray and srserve would read it: serveConfigV2 against Ray Serve's
+schema and `AppArgs`, each worker group's advertised resources with the Ray autoscaler's own parser, the pools
+the stages ask for against the groups that advertise them, pod counts against the Serve autoscaling bounds,
+graceful shutdown against the pods' grace periods, volumes against the paths in the args. The Grafana dashboard
+may only query metrics that Ray 2.60 exports (an allowlist, itself checked against Ray's installed source).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+DEPLOYMENTS = ROOT / "deployments"
+MONITORING = DEPLOYMENTS / "monitoring"
+OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+RAYSERVICE_TARGETS = [K8S / "base", *OVERLAYS]
+WRITERS = ("decode", "colocated")  # the deployments that write the videos (AppArgs.stages() names)
+NAMESPACED_EXEMPT = {"Namespace"}
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in paths]
+
+
+# --- YAML files --------------------------------------------------------------------------------------------------
+
+YAML_FILES = sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml"), *DEPLOYMENTS.rglob("*.yaml"),
+                     *DEPLOYMENTS.rglob("*.yml")])
+
+
+def test_there_is_something_to_check() -> None:
+    assert (K8S / "base" / "kustomization.yaml").is_file()
+    assert {p.name for p in OVERLAYS} >= {"wan2.1-14b-1.3b", "cogvideox-5b-2b", "cpu-demo"}
+    assert len(YAML_FILES) > 10
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=_ids(YAML_FILES))
+def test_every_yaml_file_parses(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path}: empty"
+
+
+# --- a small kustomize -------------------------------------------------------------------------------------------
+
+def _kustomization(directory: Path) -> dict[str, Any]:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_kustomization_references_exist(directory: Path) -> None:
+    kust = _kustomization(directory)
+    for resource in kust.get("resources", []):
+        target = (directory / resource).resolve()
+        assert target.is_file() or (target / "kustomization.yaml").is_file(), f"{directory}: {resource} missing"
+    for patch in kust.get("patches", []):
+        assert "path" in patch or "patch" in patch, f"{directory}: a patch with neither path nor patch"
+        if "path" in patch:
+            assert (directory / patch["path"]).is_file(), f"{directory}: patch {patch['path']} missing"
+    for generator in kust.get("configMapGenerator", []):
+        for entry in generator.get("files", []):
+            assert (directory / entry.split("=")[-1]).is_file(), f"{directory}: {entry} missing"
+    unknown = set(kust) - {"apiVersion", "kind", "namespace", "resources", "patches", "images",
+                           "configMapGenerator", "generatorOptions"}
+    assert not unknown, f"{directory}: kustomize features this test does not render: {unknown}"
+
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
+
+
+def _json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
+    """RFC 6902 add / remove / replace / test."""
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        kind = op["op"]
+        if isinstance(node, list):
+            index = len(node) if last == "-" else int(last)
+            if kind == "test":
+                assert node[index] == op["value"], f"patch test failed at {op['path']}"
+            elif kind == "add":
+                node.insert(index, copy.deepcopy(op["value"]))
+            elif kind == "replace":
+                node[index] = copy.deepcopy(op["value"])
+            elif kind == "remove":
+                del node[index]
+            else:
+                raise AssertionError(f"unsupported op {kind}")
+        else:
+            if kind == "test":
+                assert node[last] == op["value"], f"patch test failed at {op['path']}: {node.get(last)!r}"
+            elif kind in ("add", "replace"):
+                assert kind == "add" or last in node, f"replace of a missing {op['path']}"
+                node[last] = copy.deepcopy(op["value"])
+            elif kind == "remove":
+                del node[last]
+            else:
+                raise AssertionError(f"unsupported op {kind}")
+    return doc
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 (what kustomize's strategic merge amounts to for the maps these patches touch)."""
+    if not isinstance(patch, dict) or not isinstance(target, dict):
+        return copy.deepcopy(patch)
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+def _matches(doc: dict[str, Any], target: dict[str, Any]) -> bool:
+    group, _, version = doc["apiVersion"].rpartition("/")
+    checks = {"kind": doc["kind"], "name": doc["metadata"]["name"], "group": group, "version": version}
+    return all(checks[key] == value for key, value in target.items() if key in checks)
+
+
+def _set_images(node: Any, images: list[dict[str, str]]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                for container in value:
+                    for image in images:
+                        if container.get("image", "").split(":")[0] == image["name"]:
+                            name = image.get("newName", image["name"])
+                            container["image"] = f"{name}:{image['newTag']}" if "newTag" in image else name
+            _set_images(value, images)
+    elif isinstance(node, list):
+        for item in node:
+            _set_images(item, images)
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """The documents `kustomize build directory` would produce (for the features these manifests use)."""
+    kust = _kustomization(directory)
+    docs: list[dict[str, Any]] = []
+    for resource in kust.get("resources", []):
+        path = directory / resource
+        if path.is_dir():
+            docs.extend(render(path))
+        else:
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    options = kust.get("generatorOptions", {})
+    for generator in kust.get("configMapGenerator", []):
+        data = {}
+        for entry in generator.get("files", []):
+            key, _, name = entry.rpartition("=")
+            data[key or Path(name).name] = (directory / name).read_text()
+        meta: dict[str, Any] = {"name": generator["name"]}
+        if options.get("labels"):
+            meta["labels"] = dict(options["labels"])
+        assert options.get("disableNameSuffixHash"), "hashed ConfigMap names are not rendered here"
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    for patch in kust.get("patches", []):
+        text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
+        loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+        if len(loaded) == 1 and isinstance(loaded[0], list):  # JSON 6902
+            targets = [d for d in docs if _matches(d, patch["target"])]
+            assert targets, f"{directory}: patch {patch} matches nothing"
+            for doc in targets:
+                _json_patch(doc, loaded[0])
+            continue
+        for smp in loaded:  # strategic merge, one document per resource
+            index = next((i for i, d in enumerate(docs) if d["kind"] == smp["kind"]
+                          and d["metadata"]["name"] == smp["metadata"]["name"]), None)
+            assert index is not None, f"{directory}: patch for {smp['kind']}/{smp['metadata']['name']} " \
+                                      "matches nothing"
+            if smp.get("$patch") == "delete":
+                del docs[index]
+            else:
+                docs[index] = _merge_patch(docs[index], smp)
+    if "namespace" in kust:
+        for doc in docs:
+            if doc["kind"] not in NAMESPACED_EXEMPT:
+                doc["metadata"]["namespace"] = kust["namespace"]
+    if "images" in kust:
+        _set_images(docs, kust["images"])
+    return docs
+
+
+def _by_key(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    keyed = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert len(keyed) == len(docs), "two resources with the same kind and name"
+    return keyed
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_render_agrees_with_kubectl_kustomize(directory: Path) -> None:
+    result = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    theirs = _by_key([d for d in yaml.safe_load_all(result.stdout) if d])
+    ours = _by_key(render(directory))
+    assert sorted(theirs) == sorted(ours)
+    for key in ours:
+        assert theirs[key] == ours[key], f"{directory}: {key} renders differently"
+
+
+# --- the RayService ----------------------------------------------------------------------------------------------
+
+def _rayservice(directory: Path) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
+    docs = _by_key(render(directory))
+    services = [d for (kind, _), d in docs.items() if kind == "RayService"]
+    assert len(services) == 1, f"{directory}: expected one RayService"
+    assert services[0]["apiVersion"] == "ray.io/v1"
+    return services[0], docs
+
+
+def _serve_config(service: dict[str, Any]) -> dict[str, Any]:
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert isinstance(config, dict)
+    return config
+
+
+def _app_args(service: dict[str, Any]):
+    from srserve.serving.args import AppArgs
+
+    (app,) = _serve_config(service)["applications"]
+    assert app["import_path"] == "srserve.serving:build_app"
+    args = AppArgs.model_validate(app.get("args") or {})
+    assert args.mode == "disaggregated", "the KubeRay layouts put the stages on separate pools"
+    return args
+
+
+@pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
+def test_serve_config_is_valid_for_ray_serve_and_appargs(directory: Path) -> None:
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    service, _ = _rayservice(directory)
+    config = _serve_config(service)
+    ServeDeploySchema.model_validate(config)
+    args = _app_args(service)
+    # What build_app hands to Serve for each deployment must be valid Serve deployment options (this also
+    # validates each autoscaling_config with Ray's AutoscalingConfig).
+    for name, options in args.stages().items():
+        DeploymentSchema.model_validate({"name": name.capitalize(), **options.deployment_options()})
+    DeploymentSchema.model_validate({"name": "Ingress", **args.ingress.deployment_options(args.retry_after_s)})
+    assert config["http_options"]["port"] == 8000
+
+
+def _containers(template: dict[str, Any]) -> list[dict[str, Any]]:
+    return template["spec"]["containers"]
+
+
+def _groups(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"]}
+    for group in cluster["workerGroupSpecs"]:
+        assert group["groupName"] not in groups
+        groups[group["groupName"]] = group
+    return groups
+
+
+def _advertised(group: dict[str, Any], is_head: bool) -> dict[str, float]:
+    """A group's per-pod Ray resources, read the way the Ray autoscaler reads them (and by its own parser)."""
+    params = group["rayStartParams"]
+    resources: dict[str, float] = {}
+    assert "num-cpus" in params, "set num-cpus explicitly: it decides where CPU-asking replicas go"
+    resources["CPU"] = float(params["num-cpus"])
+    limits = _containers(group["template"])[0].get("resources", {}).get("limits", {})
+    gpus = params.get("num-gpus", limits.get("nvidia.com/gpu", "0"))
+    resources["GPU"] = float(gpus)
+    if "resources" in params:
+        raw = params["resources"]
+        # KubeRay passes it to `ray start --resources=<raw>` through a shell; the Ray autoscaler strips one pair
+        # of quotes and the backslashes, then wants a JSON object of integers.
+        assert raw.startswith('"') and raw.endswith('"'), f"resources must be written '\"{{...}}\"', got {raw!r}"
+        custom = json.loads(raw[1:-1].replace("\\", ""))
+        assert all(isinstance(v, int) for v in custom.values()), f"custom resources must be integers: {custom}"
+        resources.update({k: float(v) for k, v in custom.items()})
+    try:
+        from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
+    except ImportError:  # Ray moved its private parser: our reading above still stands
+        return resources
+    theirs = _get_ray_resources_from_group_spec(group, is_head)
+    for key, value in resources.items():
+        assert float(theirs.get(key, 0)) == value, f"the Ray autoscaler reads {key}={theirs.get(key)}, not {value}"
+    return resources
+
+
+def _fits(demand: dict[str, float], capacity: dict[str, float]) -> bool:
+    return all(capacity.get(k, 0.0) + 1e-9 >= v for k, v in demand.items() if v > 0)
+
+
+def _demand(options: Any) -> dict[str, float]:
+    return {"CPU": options.num_cpus, "GPU": options.num_gpus, **options.resources_needed()}
+
+
+def _replica_bounds(options: Any) -> tuple[int, int]:
+    if options.autoscaling_config is not None:
+        from ray.serve.config import AutoscalingConfig
+
+        config = AutoscalingConfig(**options.autoscaling_config)
+        return config.min_replicas, config.max_replicas
+    return options.num_replicas, options.num_replicas
+
+
+def _placement(service: dict[str, Any]) -> dict[str, str]:
+    """stage -> the group its replicas must run on (exactly one group may fit each)."""
+    args = _app_args(service)
+    groups = _groups(service)
+    capacity = {name: _advertised(group, name == "head") for name, group in groups.items()}
+    placed = {}
+    for stage, options in args.stages().items():
+        fitting = [name for name, cap in capacity.items() if _fits(_demand(options), cap)]
+        assert len(fitting) == 1, f"{stage} ({_demand(options)}) fits on {fitting or 'no group'}; want exactly one"
+        placed[stage] = fitting[0]
+    ingress = [n for n, cap in capacity.items() if _fits({"CPU": args.ingress.num_cpus}, cap)]
+    assert args.ingress.num_cpus > 0 and ingress == ["head"], \
+        f"the Ingress must ask for CPU so that it lands on the head only (fits on {ingress})"
+    store = {"CPU": args.job_store_num_cpus, **args.job_store_resources}
+    assert [n for n, cap in capacity.items() if _fits(store, cap)] == ["head"], "the JobStore must be pinned"
+    placed["ingress"] = placed["jobstore"] = "head"
+    return placed
+
+
+@pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
+def test_worker_groups_advertise_the_pools_the_args_reference(directory: Path) -> None:
+    service, _ = _rayservice(directory)
+    args = _app_args(service)
+    groups = _groups(service)
+    advertised = {name: _advertised(group, name == "head") for name, group in groups.items()}
+    referenced = {options.pool for options in args.stages().values() if options.pool}
+    assert referenced, "no stage names a pool"
+    for pool in referenced:
+        owners = [name for name, cap in advertised.items() if cap.get(pool)]
+        assert len(owners) == 1 and owners[0] != "head", f"pool {pool} is advertised by {owners}"
+    for name, cap in advertised.items():
+        custom = set(cap) - {"CPU", "GPU"}
+        if name != "head":
+            assert custom and custom <= referenced, f"group {name} advertises {custom}, args reference {referenced}"
+            assert cap["CPU"] == 0, f"group {name}: num-cpus must be 0 (CPU-asking replicas belong on the head)"
+    placed = _placement(service)
+    assert {placed["sketch"], placed["render"]} == {"sketch", "render"}
+
+
+@pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
+def test_pod_counts_match_the_serve_autoscaling_bounds(directory: Path) -> None:
+    service, _ = _rayservice(directory)
+    args = _app_args(service)
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = _groups(service)
+    placed = _placement(service)
+    autoscaled = any(o.autoscaling_config for o in args.stages().values())
+    assert cluster.get("enableInTreeAutoscaling", False) == autoscaled, \
+        "Serve autoscaling needs the Ray autoscaler to add pods (and without it, fixed replica counts)"
+    for name, group in groups.items():
+        if name == "head":
+            continue
+        capacity = _advertised(group, False)
+        stages = [s for s, g in placed.items() if g == name and s in args.stages()]
+        assert stages, f"group {name} hosts no stage"
+        for bound, field in ((0, "minReplicas"), (1, "maxReplicas")):
+            need: dict[str, float] = {}
+            for stage in stages:
+                options = args.stages()[stage]
+                count = _replica_bounds(options)[bound]
+                for key, amount in _demand(options).items():
+                    need[key] = need.get(key, 0.0) + amount * count
+            pods = max(math.ceil(need[k] / capacity[k] - 1e-9) for k in need if need[k] > 0 and k != "CPU")
+            assert group[field] == pods, f"{name}.{field} is {group[field]}; {stages} need {need}: {pods} pods"
+        assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
+        if capacity["GPU"]:
+            for stage in stages:  # a pool unit is a GPU of the group
+                options = args.stages()[stage]
+                assert options.num_gpus == options.pool_amount * capacity["GPU"] / capacity[options.pool], stage
+
+
+def _drain_deadline(container: dict[str, Any]) -> int:
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[1].endswith("drain_node.py") and "--deadline-s" in command, command
+    return int(command[command.index("--deadline-s") + 1])
+
+
+@pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
+def test_graceful_shutdown_lets_a_video_finish(directory: Path) -> None:
+    service, docs = _rayservice(directory)
+    args = _app_args(service)
+    placed = _placement(service)
+    for name, group in _groups(service).items():
+        if name == "head":
+            continue
+        spec = group["template"]["spec"]
+        (container,) = _containers(group["template"])
+        longest = max(args.stages()[s].graceful_shutdown_timeout_s for s, g in placed.items()
+                      if g == name and s in args.stages())
+        deadline = _drain_deadline(container)
+        assert deadline >= longest, f"{name}: drain deadline {deadline} s < graceful_shutdown_timeout_s {longest}"
+        assert spec["terminationGracePeriodSeconds"] >= deadline + 30, f"{name}: grace period shorter than drain"
+        script_dir = str(PurePosixPath(container["lifecycle"]["preStop"]["exec"]["command"][1]).parent)
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == script_dir]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert ("ConfigMap", volume["configMap"]["name"]) in docs, "the drain script's ConfigMap is missing"
+
+
+@pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
+def test_probes_ports_and_service(directory: Path) -> None:
+    service, _ = _rayservice(directory)
+    port = _serve_config(service)["http_options"]["port"]
+    groups = _groups(service)
+    (head,) = _containers(groups["head"]["template"])
+    # KubeRay submits serveConfigV2 only to a Ready head: an app-level readiness probe there would never pass.
+    assert "readinessProbe" not in head
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["serve"] == port
+    for name, group in groups.items():
+        if name == "head":
+            continue
+        (container,) = _containers(group["template"])
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+        assert group["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "srserve"
+    assert service["spec"]["serveService"]["spec"]["ports"] == [{"name": "serve", "port": port}]
+    assert service["spec"]["upgradeStrategy"] == {"type": "None"}  # see rayservice.yaml: one job-store writer
+
+
+def _mounts(group: dict[str, Any], docs: dict) -> list[tuple[str, bool, str | None]]:
+    """(mountPath, read-only, PVC access mode or None) of the Ray container of a group."""
+    spec = group["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    out = []
+    for mount in _containers(group["template"])[0].get("volumeMounts", []):
+        claim = volumes[mount["name"]].get("persistentVolumeClaim")
+        mode = None
+        if claim:
+            pvc = docs.get(("PersistentVolumeClaim", claim["claimName"]))
+            assert pvc is not None, f"PVC {claim['claimName']} is not part of the rendered manifests"
+            (mode,) = pvc["spec"]["accessModes"]
+        out.append((mount["mountPath"], bool(mount.get("readOnly")), mode))
+    return out
+
+
+def _mounted(path: str, mounts: list[tuple[str, bool, str | None]]) -> tuple[str, bool, str | None] | None:
+    hits = [m for m in mounts if PurePosixPath(path).is_relative_to(m[0])]
+    return max(hits, key=lambda m: len(m[0])) if hits else None
+
+
+@pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
+def test_paths_in_the_args_are_on_the_right_volumes(directory: Path) -> None:
+    service, docs = _rayservice(directory)
+    args = _app_args(service)
+    groups = _groups(service)
+    placed = _placement(service)
+    mounts = {name: _mounts(group, docs) for name, group in groups.items()}
+
+    store = _mounted(args.job_store_path, mounts["head"])
+    assert store and store[2] == "ReadWriteOnce" and not store[1], \
+        "the SQLite job store belongs on a writable ReadWriteOnce volume of the head"
+
+    if "://" not in args.artifacts_url:  # an fsspec URL (s3://...) needs no volume
+        users = {placed[s] for s in args.stages() if s in WRITERS} | {"head"}  # Decode writes, Ingress reads
+        for name in users:
+            found = _mounted(args.artifacts_url, mounts[name])
+            assert found and not found[1], f"{name} must mount {args.artifacts_url} read-write"
+            if len(users) > 1:
+                assert found[2] == "ReadWriteMany", "artifacts shared by several pods need a ReadWriteMany volume"
+
+    model = args.model
+    if model is not None and not isinstance(model, str):
+        paths = [p for p in (model.base_path, model.sketch_transformer, model.render_transformer,
+                             model.render_base_path) if p]
+        for name in {placed[s] for s in args.stages()} | {"head"}:  # the Ingress reads the model's configs
+            for path in paths:
+                found = _mounted(path, mounts[name])
+                assert found and found[1], f"{name}: {path} must be on a read-only model volume"
+
+
+@pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
+def test_network_policies_expose_only_the_serve_port(directory: Path) -> None:
+    service, docs = _rayservice(directory)
+    port = _serve_config(service)["http_options"]["port"]
+    policies = [d for (kind, _), d in docs.items() if kind == "NetworkPolicy"]
+    assert policies
+    open_ports: set[int] = set()
+    for policy in policies:
+        assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/part-of"] == "srserve"
+        for rule in policy["spec"].get("ingress", []):
+            sources = rule.get("from")
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if not sources:
+                assert ports, "a rule open to every source must name its ports"
+                open_ports |= ports
+            elif all(set(s) == {"podSelector"} and s["podSelector"]["matchLabels"] ==
+                     {"app.kubernetes.io/part-of": "srserve"} for s in sources):
+                continue  # Ray's internal traffic, between srserve's own pods
+            else:
+                assert ports, "a rule for other sources (the operator, Prometheus) must name its ports"
+    assert open_ports == {port}
+
+
+# --- the drain hook ----------------------------------------------------------------------------------------------
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_drain_hook_helpers() -> None:
+    drain = _load(K8S / "base" / "drain_node.py", "srserve_k8s_drain_node")
+    args = drain.parse_args(["--deadline-s", "1860"])
+    assert args.deadline_s == 1860 and args.reason == "DRAIN_NODE_REASON_PREEMPTION"
+    with pytest.raises(SystemExit):
+        drain.parse_args(["--deadline-s", "0"])
+    actors = [{"class_name": "ServeReplica:srserve:Sketch"}, {"class_name": "ProxyActor"},
+              type("ActorState", (), {"class_name": "ServeReplica:srserve:Render"})()]
+    assert drain.replicas_left(actors) == ["ServeReplica:srserve:Render", "ServeReplica:srserve:Sketch"]
+    command = drain.drain_command("10.0.0.1:6379", "abc", "DRAIN_NODE_REASON_PREEMPTION", 90)
+    assert command[1:4] == ["-m", "ray.scripts.scripts", "drain-node"]
+    assert command[-2:] == ["--deadline-remaining-seconds", "90"]
+
+
+def test_drain_reason_and_cli_exist_in_this_ray() -> None:
+    pytest.importorskip("ray")
+    from ray.core.generated import autoscaler_pb2
+    from ray.scripts.scripts import cli
+
+    assert "DRAIN_NODE_REASON_PREEMPTION" in autoscaler_pb2.DrainNodeReason.keys()
+    drain = cli.commands["drain-node"]
+    assert {"--node-id", "--address", "--reason", "--reason-message", "--deadline-remaining-seconds"} <= {
+        opt for param in drain.params for opt in param.opts}
+
+
+# --- the Serve configs in deployments/ ---------------------------------------------------------------------------
+
+SERVE_CONFIGS = sorted(p for p in DEPLOYMENTS.glob("*.yaml") if "applications" in yaml.safe_load(p.read_text()))
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=_ids(SERVE_CONFIGS))
+def test_deployment_serve_configs_are_valid(path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+    from srserve.serving.args import AppArgs
+
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        if app["import_path"] == "srserve.serving:build_app":
+            AppArgs.model_validate(app.get("args") or {})
+
+
+# --- monitoring --------------------------------------------------------------------------------------------------
+
+# Metric names as Ray 2.60 exports them (Prometheus adds _total to counters, _bucket/_sum/_count to histograms):
+#   ray/serve/_private/replica.py          serve_deployment_request_counter, serve_deployment_error_counter,
+#                                          serve_deployment_processing_latency_ms, serve_replica_processing_queries
+#   ray/serve/_private/router.py           serve_deployment_queued_queries, serve_num_ongoing_requests_at_replicas
+#   ray/serve/_private/deployment_state.py serve_deployment_replica_healthy, serve_autoscaling_target_replicas
+#   ray/serve/_private/autoscaling_state.py serve_autoscaling_desired_replicas
+#   ray/serve/_private/request_ingress_metrics.py  serve_num_{http}_requests, serve_num_{http}_error_requests,
+#                                          serve_{http}_request_latency_ms, serve_num_ongoing_{http}_requests
+#   ray/dashboard/modules/reporter/reporter_agent.py  node_gpus_utilization, node_gram_used, node_gram_available
+#   ray_resources (Ray core's per-resource gauge; queried by Ray's own dashboards in
+#                  ray/dashboard/modules/metrics/dashboards/default_dashboard_panels.py)
+RAY_METRICS = {
+    "ray_serve_deployment_request_counter_total",
+    "ray_serve_deployment_error_counter_total",
+    "ray_serve_deployment_processing_latency_ms_bucket",
+    "ray_serve_replica_processing_queries",
+    "ray_serve_deployment_queued_queries",
+    "ray_serve_num_ongoing_requests_at_replicas",
+    "ray_serve_deployment_replica_healthy",
+    "ray_serve_autoscaling_target_replicas",
+    "ray_serve_autoscaling_desired_replicas",
+    "ray_serve_num_http_requests_total",
+    "ray_serve_num_http_error_requests_total",
+    "ray_serve_http_request_latency_ms_bucket",
+    "ray_serve_num_ongoing_http_requests",
+    "ray_node_gpus_utilization",
+    "ray_node_gram_used",
+    "ray_node_gram_available",
+    "ray_resources",
+}
+PROMQL_WORDS = {
+    "sum", "avg", "max", "min", "count", "by", "without", "on", "ignoring", "group_left", "group_right", "and",
+    "or", "unless", "rate", "irate", "increase", "histogram_quantile", "clamp_min", "clamp_max", "abs", "offset",
+    "topk", "bottomk", "quantile", "avg_over_time", "max_over_time", "label_replace", "vector", "scalar",
+}
+DASHBOARD = MONITORING / "srserve-grafana-dashboard.json"
+
+
+def _metric_names(expr: str) -> set[str]:
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)                            # strings (label values)
+    text = re.sub(r"\{[^}]*\}", "", text)                                    # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)                                   # range selectors
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)  # label lists
+    words = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text))
+    return {w for w in words if w not in PROMQL_WORDS}
+
+
+def _targets() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dashboard["panels"]:
+        for child in [panel, *panel.get("panels", [])]:
+            out.extend((child["title"], t["expr"]) for t in child.get("targets", []))
+    return out
+
+
+def test_metric_name_extraction() -> None:
+    expr = ('histogram_quantile(0.99, sum by (le) (rate(ray_serve_deployment_processing_latency_ms_bucket'
+            '{application=~"$application",deployment="Sketch"}[$__rate_interval]))) / on() sum(ray_resources)')
+    assert _metric_names(expr) == {"ray_serve_deployment_processing_latency_ms_bucket", "ray_resources"}
+
+
+def test_dashboard_queries_only_metrics_ray_exports() -> None:
+    targets = _targets()
+    assert len(targets) > 20
+    for title, expr in targets:
+        unknown = _metric_names(expr) - RAY_METRICS
+        assert not unknown, f"panel {title!r} queries {unknown}, not in the allowlist of Ray 2.60 metrics"
+
+
+def test_dashboard_covers_every_stage() -> None:
+    exprs = [expr for _, expr in _targets()]
+    for deployment in ("Ingress", "Encode", "Sketch", "Render", "Decode"):
+        mine = [e for e in exprs if f'deployment="{deployment}"' in e]
+        for metric in ("ray_serve_deployment_request_counter_total", "ray_serve_deployment_queued_queries",
+                       "ray_serve_replica_processing_queries", "ray_serve_deployment_replica_healthy"):
+            assert any(metric in e for e in mine), f"{deployment}: no panel on {metric}"
+        for q in ("0.5", "0.99"):
+            assert any(f"histogram_quantile({q}," in e and "processing_latency_ms_bucket" in e for e in mine)
+    assert any("ray_node_gpus_utilization" in e for e in exprs)
+    assert any("ray_serve_num_ongoing_http_requests" in e for e in exprs)
+
+
+def test_dashboard_is_up_to_date_with_its_generator() -> None:
+    builder = _load(MONITORING / "build_dashboard.py", "srserve_build_dashboard")
+    assert DASHBOARD.read_text() == builder.render(), "run python deployments/monitoring/build_dashboard.py"
+    uids = {p["id"] for p in json.loads(DASHBOARD.read_text())["panels"]}
+    assert len(uids) == len(json.loads(DASHBOARD.read_text())["panels"])
+
+
+def _ray_source_text() -> str:
+    ray = pytest.importorskip("ray")
+    base = Path(ray.__file__).parent
+    files = [*(base / "serve").rglob("*.py"), base / "dashboard" / "modules" / "reporter" / "reporter_agent.py",
+             *(base / "dashboard" / "modules" / "metrics" / "dashboards").glob("*.py")]
+    return "\n".join(f.read_text(errors="replace") for f in files)
+
+
+def test_allowlist_is_what_ray_defines() -> None:
+    source = _ray_source_text()
+    for metric in RAY_METRICS:
+        if metric == "ray_resources":  # defined in Ray core (C++); Ray's own dashboards query it
+            assert "ray_resources{" in source
+            continue
+        base = re.sub(r"_(total|bucket|sum|count)$", "", metric.removeprefix("ray_"))
+        # literal names, or the protocol-templated ones of request_ingress_metrics.py
+        templated = base.replace("_http_", "_{protocol_name}_").replace("serve_http_", "serve_{protocol_name}_")
+        assert f'"{base}"' in source or templated in source, f"{metric}: not defined in Ray's source"
+
+
+def test_local_prometheus_uses_rays_service_discovery_file() -> None:
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    files = [f for job in config["scrape_configs"] for sd in job.get("file_sd_configs", []) for f in sd["files"]]
+    assert "/tmp/ray/prom_metrics_service_discovery.json" in files
+
+
+def test_podmonitors_scrape_the_ray_metrics_ports() -> None:
+    docs = render(K8S / "monitoring")
+    monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodMonitor"}
+    assert monitors, "no PodMonitor"
+    ports = {e["port"] for m in monitors.values() for e in m["spec"]["podMetricsEndpoints"]}
+    assert "metrics" in ports
+    service, _ = _rayservice(K8S / "base")
+    for name, group in _groups(service).items():
+        names = {p["name"]: p["containerPort"] for p in _containers(group["template"])[0]["ports"]}
+        assert names["metrics"] == 8080, f"{name}: Ray's metrics port"
+        for monitor in monitors.values():
+            selector = monitor["spec"]["selector"]["matchLabels"]
+            labels = {**group["template"]["metadata"]["labels"],
+                      "ray.io/node-type": "head" if name == "head" else "worker"}
+            if all(labels.get(k) == v for k, v in selector.items()):
+                for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+                    assert endpoint["port"] in names, f"{monitor['metadata']['name']}: {name} has no port " \
+                                                      f"{endpoint['port']}"
