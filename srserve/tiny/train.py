@@ -1,0 +1,287 @@
+"""Train the srd-tiny bundle: VAE, then the sketch DiT (`transformer`), then the render DiT (`transformer_2`).
+
+    python -m srserve.tiny.train --out srserve/tiny/bundle/srd-tiny --work runs/tiny-train --seed 0
+
+Stages write to `--work` (checkpoints, `train.json`, loss PNGs) and can be resumed with `--resume`. Flow matching
+on the VAE's normalized latents: x_t = (1 - s) x0 + s eps, target eps - x0, timestep s * 1000, with 10% of
+prompts dropped to "" so classifier-free guidance works. The text encoder is a frozen random UMT5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from srserve.tiny import models as M
+from srserve.tiny.common import Budget, clip_tensor, log, lr_at
+from srserve.tiny.domain import DEFAULT_FRAMES, all_prompts, sample_spec
+from srserve.tiny.tokenizer import MAX_LENGTH, build_tokenizer
+from srserve.tiny.train_vae import finetune_decoder, train_vae
+
+COMPACT_LEN = 8
+DEFAULT_OUT = Path(__file__).parent / "bundle" / "srd-tiny"
+
+
+@torch.no_grad()
+def encode_dataset(vae, args) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Latents (N, z, 5, 8, 8) (raw, un-normalized) and prompt ids of `--clips` fresh clips, prompts balanced."""
+    rng = np.random.default_rng(args.seed + 2)
+    prompts = all_prompts()
+    t0 = time.perf_counter()
+    ids = np.arange(args.clips) % len(prompts)
+    rng.shuffle(ids)
+    latents = []
+    for i in range(0, args.clips, 8):
+        batch = []
+        for pid in ids[i:i + 8]:
+            color, shape, _, direction = prompts[pid].split()[1:]
+            batch.append(clip_tensor(rng, DEFAULT_FRAMES, sample_spec(rng, color=color, shape=shape,
+                                                                       direction=direction)))
+        latents.append(vae.encode(torch.stack(batch)).latent_dist.mode())
+    latents = torch.cat(latents)
+    log(f"encoded {args.clips} clips in {time.perf_counter() - t0:.0f}s, latents {tuple(latents.shape)}")
+    return latents, torch.from_numpy(ids), {"clips": args.clips, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@torch.no_grad()
+def prompt_table(tokenizer, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact embeddings (73, COMPACT_LEN, text_dim) of the 72 prompts then "", and their token counts.
+
+    Same computation as WanPipeline._get_t5_prompt_embeds (prompt_clean, pad to 512, trim, zero-pad), kept to
+    COMPACT_LEN rows (see models.CompactTextAttnProcessor)."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    texts = [prompt_clean(p) for p in all_prompts() + [""]]
+    toks = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    hidden = text_encoder(toks.input_ids, toks.attention_mask).last_hidden_state
+    lens = toks.attention_mask.sum(dim=1)
+    out = torch.zeros(len(texts), COMPACT_LEN, hidden.shape[-1])
+    for i, n in enumerate(lens.tolist()):
+        out[i, :n] = hidden[i, :n]
+    return out, lens
+
+
+def sample_sigmas(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand(n, generator=gen)
+    if kind == "sketch":  # the density the sampler visits with flow_shift
+        return (M.FLOW_SHIFT * u / (1 + (M.FLOW_SHIFT - 1) * u)).clamp(1e-3, 1.0)
+    return (u ** 1.5).clamp(1e-3, 1.0)  # render: emphasis on low noise, its job in SR
+
+
+def train_dit(kind: str, cfg: dict, latents, prompt_ids, table, lens, args, steps, minutes, lr, batch, stop):
+    seed = args.seed + (3 if kind == "sketch" else 4)
+    gen = torch.Generator().manual_seed(seed)
+    model = M.make_transformer(cfg, seed).train()
+    proc = M.use_compact_text(model)
+    ema_model = M.make_transformer(cfg, seed).eval()
+    ema_model.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    empty = table.shape[0] - 1
+    budget, curve, step, ema = Budget(steps, minutes, stop), [], 0, None
+    while not budget.done(step):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=200)
+        idx = torch.randint(0, latents.shape[0], (batch,), generator=gen)
+        x0 = latents[idx]
+        pid = prompt_ids[idx].clone()
+        pid[torch.rand(batch, generator=gen) < args.cfg_dropout] = empty
+        s = sample_sigmas(kind, batch, gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        sv = s.view(-1, 1, 1, 1, 1)
+        xt = (1 - sv) * x0 + sv * eps
+        proc.bias = M.compact_bias(lens[pid], COMPACT_LEN)
+        pred = model(hidden_states=xt, timestep=s * 1000, encoder_hidden_states=table[pid], return_dict=False)[0]
+        loss = (pred - (eps - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema_model.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - decay)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        step += 1
+        if step % 50 == 0:
+            curve.append((step, ema, budget.elapsed()))
+            if step % 200 == 0:
+                log(f"{kind} step {step} loss {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} {budget.elapsed():.0f}s")
+    M.use_default_attention(ema_model)
+    stats = {"steps": step, "seconds": round(budget.elapsed(), 1), "final_loss": ema, "curve": curve,
+             "batch": batch, "lr": lr, "params": M.num_params(ema_model)}
+    log(f"{kind} done: {step} steps, loss {ema:.4f}, {budget.elapsed():.0f}s")
+    return ema_model, stats
+
+
+def plot_curves(stats: dict, img_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, keys in (("vae", ["vae", "decoder"]), ("dit", ["sketch", "render"])):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in keys:
+            if key in stats and stats[key].get("curve"):
+                curve = np.asarray(stats[key]["curve"])
+                offset = stats["vae"]["steps"] if key == "decoder" else 0  # the decoder fine-tune follows the VAE
+                ax.plot(curve[:, 0] + offset, curve[:, 1], label=f"{key} ({stats[key]['steps']} steps)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (smoothed)")
+        ax.set_yscale("log")
+        ax.set_title("srd-tiny VAE" if name == "vae" else "srd-tiny flow matching (EMA of batch loss)")
+        ax.legend()
+        fig.tight_layout()
+        path = img_dir / f"srd-tiny-{name}-loss.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def save_bundle(out: Path, tokenizer, text_encoder, vae, sketch, render, boundary_ratio) -> None:
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=M.make_scheduler(),
+                       transformer=sketch, transformer_2=render, boundary_ratio=boundary_ratio)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="srserve tiny train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundle directory to write")
+    p.add_argument("--work", type=Path, default=Path("runs/tiny-train"), help="checkpoints, logs, stats")
+    p.add_argument("--img-dir", type=Path, default=None, help="where loss PNGs go (default: --work)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="reuse finished stages found in --work")
+    p.add_argument("--vae-steps", type=int, default=3200)
+    p.add_argument("--vae-stop", type=int, default=None, help="stop after this many steps (default: --vae-steps)")
+    p.add_argument("--vae-minutes", type=float, default=17.0)
+    p.add_argument("--vae-batch", type=int, default=4)
+    p.add_argument("--vae-frames", type=int, default=DEFAULT_FRAMES)
+    p.add_argument("--vae-image-steps", type=int, default=1200, help="first steps on single frames")
+    p.add_argument("--vae-image-batch", type=int, default=16)
+    p.add_argument("--vae-crop", type=int, default=32, help="train on crops (multiple of 8) around the object")
+    p.add_argument("--vae-lr", type=float, default=3e-4)
+    p.add_argument("--vae-kl", type=float, default=1e-4)
+    p.add_argument("--decoder-steps", type=int, default=1000, help="last stage: decoder fine-tune, encoder frozen")
+    p.add_argument("--decoder-stop", type=int, default=None)
+    p.add_argument("--decoder-minutes", type=float, default=6.0)
+    p.add_argument("--decoder-lr", type=float, default=3e-4)
+    p.add_argument("--decoder-edges", type=float, default=0.5)
+    p.add_argument("--clips", type=int, default=1728)
+    p.add_argument("--sketch-steps", type=int, default=3400)
+    p.add_argument("--sketch-stop", type=int, default=None, help="stop after this many steps (default: --sketch-steps)")
+    p.add_argument("--sketch-minutes", type=float, default=27.0)
+    p.add_argument("--sketch-lr", type=float, default=6e-4)
+    p.add_argument("--sketch-batch", type=int, default=32)
+    p.add_argument("--render-steps", type=int, default=6000)
+    p.add_argument("--render-stop", type=int, default=None, help="stop after this many steps (default: --render-steps)")
+    p.add_argument("--render-minutes", type=float, default=7.0)
+    p.add_argument("--render-lr", type=float, default=1e-3)
+    p.add_argument("--render-batch", type=int, default=32)
+    p.add_argument("--cfg-dropout", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--boundary-ratio", type=float, default=None,
+                   help="boundary_ratio written to model_index.json (None: plain diffusers runs sketch only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    stats: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    t_start = time.perf_counter()
+
+    tokenizer = build_tokenizer()
+    text_encoder = M.make_text_encoder(args.seed)
+    table, lens = prompt_table(tokenizer, text_encoder)
+
+    vae_dir = work / "vae"
+    if args.resume and (vae_dir / "config.json").exists():
+        from diffusers import AutoencoderKLWan
+
+        vae, stats["vae"] = AutoencoderKLWan.from_pretrained(vae_dir).eval(), json.loads(
+            (work / "vae_stats.json").read_text())
+        log("vae: resumed")
+    else:
+        vae, stats["vae"] = train_vae(args)
+        vae.save_pretrained(vae_dir)
+        (work / "vae_stats.json").write_text(json.dumps(stats["vae"]))
+
+    lat_path = work / "latents.pt"
+    if args.resume and lat_path.exists():
+        latents, prompt_ids, stats["encode"] = torch.load(lat_path).values()
+    else:
+        latents, prompt_ids, stats["encode"] = encode_dataset(vae, args)
+        torch.save({"latents": latents, "ids": prompt_ids, "stats": stats["encode"]}, lat_path)
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4))
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    norm = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    stats["latents"] = {"mean": mean.tolist(), "std": std.tolist(), "normalized_var": norm.var().item()}
+    log(f"latent std per channel {[round(v, 3) for v in std.tolist()]}, normalized var {norm.var().item():.3f}")
+
+    models = {}
+    for kind, cfg in (("sketch", M.SKETCH), ("render", M.RENDER)):
+        ckpt = work / kind
+        if args.resume and (ckpt / "config.json").exists():
+            from diffusers import WanTransformer3DModel
+
+            models[kind] = WanTransformer3DModel.from_pretrained(ckpt).eval()
+            stats[kind] = json.loads((work / f"{kind}_stats.json").read_text())
+            log(f"{kind}: resumed")
+            continue
+        a = vars(args)
+        models[kind], stats[kind] = train_dit(kind, cfg, norm, prompt_ids, table, lens, args, a[f"{kind}_steps"],
+                                              a[f"{kind}_minutes"], a[f"{kind}_lr"], a[f"{kind}_batch"],
+                                              a[f"{kind}_stop"])
+        models[kind].save_pretrained(ckpt)
+        (work / f"{kind}_stats.json").write_text(json.dumps(stats[kind]))
+
+    if args.decoder_steps > 0:
+        dec_dir = work / "vae_decoder"
+        if args.resume and (dec_dir / "config.json").exists():
+            from diffusers import AutoencoderKLWan
+
+            vae, stats["decoder"] = AutoencoderKLWan.from_pretrained(dec_dir).eval(), json.loads(
+                (work / "decoder_stats.json").read_text())
+            log("vae decoder: resumed")
+        else:
+            stats["decoder"] = finetune_decoder(vae, args)
+            vae.save_pretrained(dec_dir)
+            (work / "decoder_stats.json").write_text(json.dumps(stats["decoder"]))
+
+    for kind in ("sketch", "render"):
+        stats[kind]["step_flops"] = M.step_flops(models[kind])
+        stats[kind]["step_seconds"] = M.step_seconds(models[kind])
+    stats["flops_ratio"] = stats["sketch"]["step_flops"] / stats["render"]["step_flops"]
+    stats["seconds_ratio"] = stats["sketch"]["step_seconds"] / stats["render"]["step_seconds"]
+    stats["total_seconds"] = round(time.perf_counter() - t_start, 1)  # this invocation (less when resumed)
+    stats["train_seconds"] = round(sum(stats[k]["seconds"] for k in ("vae", "encode", "sketch", "render", "decoder")
+                                       if k in stats), 1)  # all stages, resumed ones included
+    save_bundle(args.out, tokenizer, text_encoder, vae, models["sketch"], models["render"], args.boundary_ratio)
+    stats["plots"] = plot_curves(stats, args.img_dir or work)
+    (work / "train.json").write_text(json.dumps(stats, indent=1))
+    summary = {k: v for k, v in stats.items() if k not in ("vae", "decoder", "sketch", "render", "latents", "args")}
+    summary.update({k: {kk: vv for kk, vv in stats[k].items() if kk != "curve"}
+                    for k in ("vae", "decoder", "sketch", "render") if k in stats})
+    (args.out / "training_stats.json").write_text(json.dumps(summary, indent=1))
+    log(f"bundle written to {args.out}; flops ratio {stats['flops_ratio']:.1f}, "
+        f"seconds ratio {stats['seconds_ratio']:.1f}, total {stats['total_seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

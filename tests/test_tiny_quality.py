@@ -1,0 +1,78 @@
+"""srd-tiny through the engine: it loads as the default model, and it has learned its domain.
+
+The smoke thresholds must hold for the trained bundle and fail for a random-weight copy of it (same configs,
+same VAE and text encoder, untrained transformers): the test can tell a model that learned from one that did not.
+Shape is not asserted: the bundle's VAE rounds every shape off (docs/srd-tiny.md, limits), so color and motion
+are what the transformers can be held to.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from srserve.config import GenerationRequest
+from srserve.pipeline.engine import SREngine
+from srserve.pipeline.spec import resolve_model_spec
+from srserve.tiny import BUNDLE_PATH, default_model_path
+from srserve.tiny.evaluate import score_video, summarize
+from srserve.tiny.quality import held_out_pairs
+
+SMOKE_PAIRS = 8
+MIN_COLOR, MIN_MOTION = 60.0, 75.0  # percent of the smoke videos
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def smoke_accuracy(model_dir, switch: str) -> dict:
+    engine = SREngine.load(resolve_model_spec(model_dir))
+    scores = []
+    for prompt, seed in held_out_pairs(SMOKE_PAIRS * 9)[::9]:  # spread over colors, shapes, directions
+        result = engine.generate(GenerationRequest(prompt=prompt, seed=seed, switch=switch))
+        scores.append(score_video(result.frames, prompt))
+    return summarize(scores)
+
+
+@pytest.fixture(scope="module")
+def random_copy(tmp_path_factory):
+    from diffusers import WanTransformer3DModel
+
+    target = tmp_path_factory.mktemp("srd-tiny-random") / "srd-tiny"
+    shutil.copytree(BUNDLE_PATH, target)
+    for i, name in enumerate(("transformer", "transformer_2")):
+        config = WanTransformer3DModel.load_config(target / name)
+        torch.manual_seed(i)
+        WanTransformer3DModel.from_config(config).save_pretrained(target / name)
+    return target
+
+
+def test_bundle_is_the_default_model():
+    assert default_model_path() == str(BUNDLE_PATH)
+    spec = resolve_model_spec(None)
+    assert spec.name == "srd-tiny" and spec.family == "wan"
+    assert (spec.default_num_frames, spec.default_height, spec.default_width) == (17, 64, 64)
+
+
+def test_bundle_runs_through_the_engine_with_its_defaults():
+    engine = SREngine.load(resolve_model_spec(None))
+    result = engine.generate(GenerationRequest(prompt="a green square moving up"))
+    assert result.frames.shape == (17, 64, 64, 3)
+    assert 0 < result.switch_step < result.num_inference_steps  # the default policy really splits
+
+
+@pytest.mark.parametrize("switch", ["none", "adaptive"])
+def test_trained_bundle_passes_the_quality_smoke(switch):
+    summary = smoke_accuracy(BUNDLE_PATH, switch)
+    assert summary["color_acc"] >= MIN_COLOR and summary["motion_acc"] >= MIN_MOTION, summary
+
+
+def test_random_weight_copy_fails_the_quality_smoke(random_copy):
+    summary = smoke_accuracy(random_copy, "none")
+    assert summary["color_acc"] < MIN_COLOR or summary["motion_acc"] < MIN_MOTION, summary
