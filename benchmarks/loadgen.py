@@ -1,7 +1,9 @@
 """Load generator for the /v1/videos API: open-loop Poisson arrivals or closed-loop concurrency.
 
 Bounded in count and time, loopback only by default. Writes one JSON record per request (submit, first seen
-running, completion, status, and the server's job record with its per-stage times) to JSONL or CSV.
+running, completion, status, and the server's job record from `GET /v1/jobs/{id}` with its per-stage times,
+replicas and handoffs) to JSONL or CSV. `server_latency` (job created -> completed, from the job record) does not
+depend on the polling interval; `latency` (submit -> first poll that saw the job finished) does.
 
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --poisson 0.5 --count 20 --out runs/load.jsonl
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --concurrency 4 --count 20 --out runs/load.csv
@@ -42,6 +44,12 @@ class Record:
     def latency(self) -> float | None:
         return None if self.finished_at is None else self.finished_at - self.submitted_at
 
+    @property
+    def server_latency(self) -> float | None:
+        if self.status != "completed" or not self.job.get("completed_at"):
+            return None
+        return self.job["completed_at"] - self.job["created_at"]
+
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -53,13 +61,20 @@ class LoadSpec:
     time_limit_s: float = 600.0
     poll_s: float = 0.25
     seed: int = 0
+    prompts: tuple[str, ...] = ()  # request i uses prompts[i % len] (default: the body's prompt)
+    first_index: int = 0  # request i gets seed body.seed + first_index + i, so runs can continue a sequence
+
+    def body_for(self, index: int) -> dict[str, Any]:
+        body = dict(self.body, seed=self.body.get("seed", 0) + self.first_index + index)
+        if self.prompts:
+            body["prompt"] = self.prompts[(self.first_index + index) % len(self.prompts)]
+        return body
 
 
 async def run_one(client: httpx.AsyncClient, spec: LoadSpec, index: int, deadline: float) -> Record:
     record = Record(index, time.time())
-    body = dict(spec.body, seed=spec.body.get("seed", 0) + index)
     try:
-        response = await client.post("/v1/videos", json=body)
+        response = await client.post("/v1/videos", json=spec.body_for(index))
         record.http_status = response.status_code
         if response.status_code != 200:
             record.status, record.error = "refused", response.text[:300]
@@ -72,6 +87,9 @@ async def run_one(client: httpx.AsyncClient, spec: LoadSpec, index: int, deadlin
                 record.started_at = time.time()
             if job["status"] in TERMINAL:
                 record.finished_at, record.status = time.time(), job["status"]
+                full = await client.get(f"/v1/jobs/{record.job_id}")  # stage times, replicas, handoffs
+                if full.status_code == 200:
+                    record.job = full.json()
                 return record
             await asyncio.sleep(spec.poll_s)
         record.status = "timeout"
@@ -111,7 +129,7 @@ async def run_load(spec: LoadSpec) -> list[Record]:
 def write_records(records: list[Record], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [dict(asdict(r), latency=r.latency) for r in records]
+    rows = [dict(asdict(r), latency=r.latency, server_latency=r.server_latency) for r in records]
     if path.suffix == ".csv":
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "job"] + ["job"])

@@ -26,14 +26,22 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so a timing covers it (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def per_step_seconds(engine: SREngine, state, role: str, steps: int = 3) -> float:
     """Median seconds of one guided denoising step of `role`, on a step-0 state."""
     times = []
     for _ in range(steps):
         batch = DenoiseBatch(engine.family, role)
         batch.add("x", state.replace(switch_step=state.num_steps))
+        sync()
         began = time.perf_counter()
         batch.step()
+        sync()
         times.append(time.perf_counter() - began)
     return statistics.median(times)
 
@@ -41,7 +49,7 @@ def per_step_seconds(engine: SREngine, state, role: str, steps: int = 3) -> floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--policies", default="step:4,step:6,step:8,adaptive")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     policies = ["none"] + args.policies.split(",")
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     step_costs: dict[str, list[float]] = {"sketch": [], "render": []}
-    request = GenerationRequest(prompt=args.prompt, num_inference_steps=args.steps, seed=0)
+    request = engine.resolve(GenerationRequest(prompt=args.prompt, num_inference_steps=args.steps, seed=0))
     engine.generate(request.model_copy(update={"switch": "step:2"}))  # warm-up: allocations, lazy inits
     for _ in range(args.repeats):
         state0 = engine.prepare(request, engine.encode(request))
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     sketch_step = statistics.median(step_costs["sketch"])
     render_step = statistics.median(step_costs["render"])
     r = sketch_step / render_step
-    n = args.steps
+    n = request.num_inference_steps
     base_denoise = statistics.median(x["denoise_seconds"] for x in runs["none"])
     base_total = statistics.median(x["total_seconds"] for x in runs["none"])
     rows = []
@@ -85,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         })
     report = {
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-        "torch": torch.__version__, "threads": args.threads, "model": spec.name, "steps": n,
+        "torch": torch.__version__, "threads": args.threads, "model": spec.name, "model_path": spec.base_path,
+        "steps": n, "size": f"{request.width}x{request.height}", "frames": request.num_frames,
         "repeats": args.repeats, "sketch_step_seconds": stats(step_costs["sketch"]),
         "render_step_seconds": stats(step_costs["render"]), "per_step_ratio_r": r,
         "none_denoise_seconds": stats([x["denoise_seconds"] for x in runs["none"]]), "policies": rows,

@@ -168,6 +168,39 @@ def test_served_result_equals_in_process_engine_bit_for_bit(served, engine):
     job = served.finished(served.create(seed=4, num_inference_steps=12, switch="adaptive"))
     assert job["status"] == "completed" and job["switch_step"] is not None
     assert np.array_equal(served.frames(job["id"]), in_process(engine, job))
+    # Each stage that received a state records the handoff: bytes moved and seconds on both sides.
+    for stage in ("sketch", "render", "decode"):
+        handoff = job["stages"][stage]["handoff"]
+        assert handoff["bytes"] > 1000 and handoff["serialize_s"] > 0 and handoff["deserialize_s"] > 0
+        assert 0 <= handoff["transit_s"] < job["completed_at"] - job["created_at"]
+    assert job["stages"]["encode"]["handoff"] is None  # the ingress sends no state
+
+
+@pytest.fixture(scope="module")
+def colocated(served):
+    """A second app on the same cluster in colocated mode: each replica holds every role."""
+    from ray import serve
+
+    from srserve.serving import build_app
+
+    tmp = served.tmp
+    args = {"mode": "colocated", "colocated": {"pool": None, "max_batch_size": 2},
+            "job_store_path": str(tmp / "colocated-jobs.sqlite"), "artifacts_url": str(tmp / "colocated-artifacts"),
+            "save_frames_npy": True, "limits": {"max_width": 64, "max_height": 64, "max_frames": 33}}
+    serve.run(build_app(args), name=f"{APP}-colocated", route_prefix="/colocated")
+    try:
+        yield Served(f"{served.url}/colocated", tmp)
+    finally:
+        serve.delete(f"{APP}-colocated")
+
+
+def test_colocated_mode_runs_the_whole_request_in_one_replica(colocated, engine):
+    job = colocated.finished(colocated.create(seed=13, num_inference_steps=12, switch="adaptive"))
+    assert job["status"] == "completed" and job["progress"] == 100 and job["switch_step"] is not None
+    assert set(job["stages"]) == {"encode", "sketch", "render", "decode"}
+    assert len({s["replica"] for s in job["stages"].values()}) == 1
+    assert all(s["handoff"] is None for s in job["stages"].values())  # in memory, no object store
+    assert np.array_equal(colocated.frames(job["id"]), in_process(engine, job))
 
 
 def test_batched_requests_share_forward_passes(served, engine):

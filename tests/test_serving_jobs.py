@@ -177,6 +177,45 @@ def test_app_args_validate_and_place_stages(tmp_path):
     assert resolved.job_store_path.startswith("/") and resolved.artifacts_url == "s3://bucket/videos"
 
 
+def test_colocated_mode_places_one_deployment(tmp_path):
+    args = AppArgs.model_validate({"mode": "colocated", "colocated": {"num_replicas": 2, "force_switch": "NONE"}})
+    assert list(args.stages()) == ["colocated"] and args.colocated.force_switch == "none"
+    assert args.resources_needed() == {"colocated_pool": 2.0}
+    assert list(AppArgs().stages()) == ["encode", "sketch", "render", "decode"]
+    with pytest.raises(ValidationError, match="force_switch"):
+        AppArgs.model_validate({"mode": "colocated", "colocated": {"force_switch": "sometimes"}})
+    with pytest.raises(ValidationError, match="mode"):
+        AppArgs.model_validate({"mode": "both"})
+
+
+def test_colocated_large_only_runs_in_process_without_the_render_model(tmp_path):
+    """A Colocated replica outside Serve, with the real store behind a fake handle: `force_switch: none`."""
+    import asyncio
+
+    from srserve.config import GenerationRequest
+    from srserve.pipeline.engine import SREngine
+    from srserve.pipeline.spec import resolve_model_spec
+    from srserve.serving.colocated import Colocated
+    from srserve.serving.messages import StageMessage
+
+    store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
+    new_job(store, "v1")
+    store.begin_attempt("v1", "ingress-a", 30.0)
+    replica = Colocated(None, FakeStoreHandle(store), {"force_switch": "none", "torch_threads": 1},
+                        str(tmp_path / "artifacts"))
+    assert replica.render is None and "render" not in replica.sketch.engine.family.transformers
+    request = GenerationRequest(prompt="a red circle moving right", seed=2, num_inference_steps=6,
+                                num_frames=9, height=32, width=32, switch="adaptive")
+    info = asyncio.run(replica(StageMessage("v1", 1, request, 8, True)))
+    assert info["switch_step"] == 6 and set(info["artifacts"]) >= {"video.mp4", "frames.npy"}
+    job = store.get("v1")
+    assert set(job["stages"]) == {"encode", "sketch", "decode"} and job["step"] == 6
+    assert all(s["end"] is not None and s["handoff"] is None for s in job["stages"].values())
+    frames = np.load(info["artifacts"]["frames.npy"])
+    expected = SREngine.load(resolve_model_spec(None)).generate(request.model_copy(update={"switch": "none"}))
+    assert np.array_equal(frames, expected.frames)
+
+
 @pytest.mark.parametrize("name", ["local.yaml", "wan2.1-t2v-14b-1.3b.yaml", "cogvideox-5b-2b.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(f"deployments/{name}")
@@ -243,6 +282,9 @@ class StallOnceStages:
                     return {"artifacts": {"video.mp4": "x"}, "switch_step": 3}
                 return FakeResponse(run)
         return Stage()
+
+    def values(self):
+        return [self[name] for name in ("encode", "sketch", "render", "decode")]
 
 
 def test_a_silent_stage_is_retried_and_the_job_finishes(tmp_path):

@@ -1,6 +1,7 @@
 """`build_app`: validate `AppArgs`, then wire the deployments by passing handles (as Ray Serve LLM's builders do).
 
-    JobStore ─┬─ Encode ─ Sketch ─ Render ─ Decode      (stage replicas report to the JobStore)
+    JobStore ─┬─ Encode ─ Sketch ─ Render ─ Decode    (mode: disaggregated; stage replicas report to the store)
+              │  or Colocated                          (mode: colocated; every role in each replica)
               └─ Ingress (FastAPI; drives each job through the stages by handle)
 
 Usable as `import_path: srserve.serving:build_app` in a Serve config (its `args:` are `AppArgs`) and from
@@ -13,9 +14,13 @@ from typing import Any
 from ray import serve
 
 from srserve.serving.args import AppArgs
+from srserve.serving.colocated import Colocated
 from srserve.serving.ingress import Ingress
 from srserve.serving.jobs import SQLiteJobStore
 from srserve.serving.stages import Decode, Encode, Render, Sketch
+
+DEPLOYMENTS = {"encode": Encode, "sketch": Sketch, "render": Render, "decode": Decode, "colocated": Colocated}
+WITH_ARTIFACTS = ("decode", "colocated")  # the deployments that write videos
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
@@ -26,16 +31,13 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
         ray_actor_options={"num_cpus": args.job_store_num_cpus, "resources": args.job_store_resources},
         logging_config={"enable_access_log": False},
     ).bind(args.job_store_path)
-    stage_args = {name: opts.model_dump() for name, opts in args.stages().items()}
-    encode = serve.deployment(Encode).options(name="Encode", **args.encode.deployment_options()).bind(
-        args.model, store, stage_args["encode"])
-    sketch = serve.deployment(Sketch).options(name="Sketch", **args.sketch.deployment_options()).bind(
-        args.model, store, stage_args["sketch"])
-    render = serve.deployment(Render).options(name="Render", **args.render.deployment_options()).bind(
-        args.model, store, stage_args["render"])
-    decode = serve.deployment(Decode).options(name="Decode", **args.decode.deployment_options()).bind(
-        args.model, store, stage_args["decode"], args.artifacts_url)
+    stages = {}
+    for name, options in args.stages().items():
+        extra = (args.artifacts_url,) if name in WITH_ARTIFACTS else ()
+        stages[name] = serve.deployment(DEPLOYMENTS[name]).options(
+            name=name.capitalize(), **options.deployment_options(),
+        ).bind(args.model, store, options.model_dump(), *extra)
     ingress = serve.deployment(Ingress).options(
         name="Ingress", **args.ingress.deployment_options(args.retry_after_s),
     )
-    return ingress.bind(store, encode, sketch, render, decode, args.model_dump())
+    return ingress.bind(store, stages, args.model_dump())

@@ -2,16 +2,19 @@
 
 Placement is per stage: replicas, CPUs, GPUs and a custom Ray resource naming the pool (`sketch_pool`,
 `render_pool` by default) so each pool maps to a KubeRay worker group advertising that resource.
+`mode: colocated` replaces the four stages with one `Colocated` deployment whose replicas hold every role (the
+baseline SR is compared against; with `force_switch: none` it is plain large-only serving).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from srserve.api.protocol import RequestLimits
 from srserve.config import ModelSpec
+from srserve.pipeline.switch import parse_policy
 
 
 class StageOptions(BaseModel):
@@ -32,6 +35,8 @@ class StageOptions(BaseModel):
     max_batch_size: int = Field(1, ge=1, description="requests sharing a denoising step (sketch, render)")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="wait for more requests before a new batch")
     torch_threads: int | None = Field(None, ge=1)
+    cpu_affinity: list[int] | None = Field(
+        None, description="pin the replicas' processes to these CPU cores (simulated pools on one machine)")
 
     def resources_needed(self) -> dict[str, float]:
         needed = dict(self.resources)
@@ -76,6 +81,20 @@ class DecodeOptions(StageOptions):
     pool_amount: float = Field(0.25, gt=0)
 
 
+class ColocatedOptions(StageOptions):
+    """`mode: colocated`: each replica runs encode -> sketch -> render -> decode in-process, one compute at a time."""
+
+    pool: str | None = "colocated_pool"
+    prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept per replica (LRU)")
+    force_switch: str | None = Field(
+        None, description="run every request with this switch policy; `none` = large-only (no render model)")
+
+    @field_validator("force_switch")
+    @classmethod
+    def _known_policy(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_policy(value))
+
+
 class IngressOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_replicas: int = Field(1, ge=1)
@@ -116,6 +135,10 @@ class AppArgs(BaseModel):
         None, description="model spec: a diffusers dir, a YAML/JSON spec file, or the ModelSpec fields inline "
                           "(checkpoint paths); None: the bundled srd-tiny")
     model_name: str | None = Field(None, description="name clients use; default: the spec's name")
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated", description="disaggregated: encode/sketch/render/decode deployments on their pools; "
+                                     "colocated: one deployment whose replicas hold every role")
+    colocated: ColocatedOptions = Field(default_factory=ColocatedOptions, description="used when mode=colocated")
     encode: EncodeOptions = Field(default_factory=EncodeOptions)
     sketch: SketchOptions = Field(default_factory=SketchOptions)
     render: RenderOptions = Field(default_factory=RenderOptions)
@@ -143,6 +166,9 @@ class AppArgs(BaseModel):
         return self.model_copy(update=updates)
 
     def stages(self) -> dict[str, StageOptions]:
+        """The deployments a job goes through, in order."""
+        if self.mode == "colocated":
+            return {"colocated": self.colocated}
         return {"encode": self.encode, "sketch": self.sketch, "render": self.render, "decode": self.decode}
 
     def resources_needed(self) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """The job driver inside each ingress replica: submits the stage chain, retries, and watches its jobs.
 
 `decode.remote(render.remote(sketch.remote(encode.remote(msg))))` passes object references, so the handoff
-state goes replica to replica and the driver only ever receives Decode's small metadata. The driver holds a
+state goes replica to replica and the driver only ever receives Decode's small metadata (in colocated mode the
+chain is the single `colocated.remote(msg)`). The driver holds a
 lease on each job it drives; a watchdog loop renews the leases, checks heartbeats and deadlines, and takes over
 jobs whose driver died (an ingress restart). Every accepted job ends completed, failed or cancelled.
 """
@@ -126,8 +127,8 @@ class JobDriver:
     def _submit(self, msg: StageMessage) -> list[Any]:
         """Chain the stages by handle: each gets the previous one's response, i.e. an object reference."""
         responses, previous = [], msg
-        for name in ("encode", "sketch", "render", "decode"):
-            previous = self.stages[name].remote(previous)
+        for handle in self.stages.values():
+            previous = handle.remote(previous)
             responses.append(previous)
         return responses
 

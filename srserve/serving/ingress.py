@@ -22,9 +22,6 @@ from srserve.serving.calls import call, describe
 from srserve.serving.driver import JobDriver
 from srserve.serving.messages import handoff_loads
 
-STAGE_NAMES = ("encode", "sketch", "render", "decode")
-
-
 def model_info(engine: Any, name: str | None) -> ModelInfo:
     """What requests are checked against, from a weightless engine (configs only)."""
     family, spec = engine.family, engine.spec
@@ -62,8 +59,8 @@ class _Content:
 
 @serve.ingress()
 class Ingress:
-    async def __init__(self, store: Any, encode: Any, sketch: Any, render: Any, decode: Any,
-                       args: dict[str, Any]) -> None:
+    async def __init__(self, store: Any, stages: dict[str, Any], args: dict[str, Any]) -> None:
+        """`stages`: the handles a job goes through, in order (encode, sketch, render, decode; or colocated)."""
         from srserve.pipeline.engine import SREngine
         from srserve.pipeline.switch import parse_policy
         from srserve.serving.stages import resolve_spec
@@ -75,8 +72,7 @@ class Ingress:
         self.store = store
         self.artifacts = ArtifactStore(self.args.artifacts_url)
         # By reference: a stage's response reaches the next stage as an object ref, never resolved here.
-        stages = {name: h.options(_by_reference=True) for name, h in zip(STAGE_NAMES, (encode, sketch, render,
-                                                                                        decode))}
+        stages = {name: handle.options(_by_reference=True) for name, handle in stages.items()}
         self.owner = serve.get_replica_context().replica_id.unique_id
         self.driver = JobDriver(store, stages, self.owner, self.args.watchdog, self.args.max_retries,
                                 self.args.retry_after_s, on_cancelled=self._drop_artifacts)

@@ -25,6 +25,7 @@ class StageRecord(BaseModel):
     end: float | None = None
     replica: str
     attempt: int
+    handoff: dict[str, float] | None = None  # bytes, serialize_s, transit_s, deserialize_s of the state received
 
 
 class JobRecord(BaseModel):
@@ -294,6 +295,7 @@ class SQLiteJobStore:
             record = job.stages.get(stage)
             if record is not None and record.attempt == attempt:
                 record.end = time.time()
+                record.handoff = info.get("handoff")
             job.stage, job.heartbeat_at = None, time.time()
             if info.get("switch_step") is not None:
                 job.switch_step = int(info["switch_step"])

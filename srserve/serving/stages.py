@@ -4,12 +4,15 @@ A job flows as a `StageMessage` (job id, attempt, the handoff state of CPU tenso
 object reference; only Decode returns something to the driver, and that is small metadata. Sketch and Render
 run a step-level batch: requests join and leave at step boundaries and same-shape ones share forward passes.
 Each stage reports start, heartbeats (progress) and end to the JobStore, which answers whether to stop.
+The stages also run in-process inside one `Colocated` replica (colocated.py), sharing a `compute` lock.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,6 +38,19 @@ def resolve_spec(model: str | ModelSpec | dict[str, Any] | None) -> ModelSpec:
     return resolve_model_spec(ModelSpec.model_validate(model) if isinstance(model, dict) else model)
 
 
+def pin_process(cores: list[int] | None) -> None:
+    """Pin every thread of this process (and so the threads it starts later) to `cores` (Linux only)."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(0, cores)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cpu_affinity {cores}: cannot pin to these cores here ({err})") from None
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cores)
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -47,12 +63,16 @@ class _Stage:
     roles: tuple[str, ...] = ()  # the engine roles whose weights this stage loads
     options_model: type[StageOptions] = StageOptions
 
-    def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any]) -> None:
+    def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any],
+                 compute: Any = None) -> None:
         self.options = self.options_model.model_validate(options)
+        pin_process(self.options.cpu_affinity)
         if self.options.torch_threads:
             import torch
 
             torch.set_num_threads(self.options.torch_threads)
+        # Held around every model computation: a no-op alone, shared by the roles of a Colocated replica.
+        self.compute = compute if compute is not None else contextlib.nullcontext()
         self.engine = SREngine.load(resolve_spec(model), roles=self.roles)
         self.store = store
         self.replica = _replica_id()
@@ -62,6 +82,8 @@ class _Stage:
             raise JobCancelled(f"job {msg.job_id} attempt {msg.attempt} stopped before {self.role}")
 
     async def _end(self, msg: StageMessage, info: dict[str, Any]) -> None:
+        if msg.handoff is not None:
+            info = {**info, "handoff": msg.handoff}
         if await call(self.store, "stage_finished", msg.job_id, msg.attempt, self.role, info):
             raise JobCancelled(f"job {msg.job_id} attempt {msg.attempt} stopped after {self.role}")
 
@@ -74,8 +96,9 @@ class Encode(_Stage):
 
     role, roles, options_model = "encode", ("encode",), EncodeOptions
 
-    def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any]) -> None:
-        super().__init__(model, store, options)
+    def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any],
+                 compute: Any = None) -> None:
+        super().__init__(model, store, options, compute)
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = asyncio.Lock()
 
@@ -91,14 +114,16 @@ class Encode(_Stage):
         key = (resolved.prompt, resolved.negative_prompt, resolved.max_sequence_length, resolved.guidance_scale)
         embeddings = self._cache.get(key)
         if embeddings is None:
-            embeddings = self.engine.encode(resolved)
+            with self.compute:
+                embeddings = self.engine.encode(resolved)
             if self.options.prompt_cache_size:
                 self._cache[key] = embeddings
                 while len(self._cache) > self.options.prompt_cache_size:
                     self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
-        return self.engine.prepare(resolved, embeddings)
+        with self.compute:
+            return self.engine.prepare(resolved, embeddings)
 
 
 class _Heartbeat:
@@ -130,8 +155,9 @@ class _Heartbeat:
 class _Denoise(_Stage):
     """Runs a `DenoiseBatch` in one worker thread: admit at step boundaries, step, retire finished requests."""
 
-    def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any]) -> None:
-        super().__init__(model, store, options)
+    def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any],
+                 compute: Any = None) -> None:
+        super().__init__(model, store, options, compute)
         self._batch = DenoiseBatch(self.engine.family, self.role, max_batch_size=self.options.max_batch_size)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -163,7 +189,9 @@ class _Denoise(_Stage):
             try:
                 self._admit()
                 if self._batch:
-                    for key, result in self._batch.step().items():
+                    with self.compute:
+                        finished = self._batch.step()
+                    for key, result in finished.items():
                         self._resolve(key, result)
             except Exception as err:  # never leave a caller waiting: fail what is in flight, keep serving
                 logger.exception("%s batch loop failed", self.role)
@@ -192,7 +220,8 @@ class _Denoise(_Stage):
              future: asyncio.Future) -> None:
         self._waiting[key] = (loop, future)
         try:
-            self._batch.add(key, state, on_step=beat.on_step, should_cancel=beat.should_cancel)
+            with self.compute:
+                self._batch.add(key, state, on_step=beat.on_step, should_cancel=beat.should_cancel)
         except Exception as err:
             self._resolve(key, err)
 
@@ -232,16 +261,20 @@ class Decode(_Stage):
     role, roles = "decode", ("decode",)
 
     def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any],
-                 artifacts_url: str) -> None:
-        super().__init__(model, store, options)
+                 artifacts_url: str, compute: Any = None) -> None:
+        super().__init__(model, store, options, compute)
         self.artifacts = ArtifactStore(artifacts_url)
         self._lock = asyncio.Lock()
 
     async def __call__(self, msg: StageMessage) -> dict[str, Any]:
         await self._begin(msg)
         async with self._lock:
-            frames = await asyncio.to_thread(self.engine.decode, msg.state)
+            frames = await asyncio.to_thread(self._decode, msg.state)
         stored = await asyncio.to_thread(self.artifacts.write_outputs, msg.job_id, frames, msg.fps, msg.save_frames)
         info = {"switch_step": msg.state.switch_step, "num_frames": int(frames.shape[0]), "artifacts": stored}
         await self._end(msg, info)
         return info
+
+    def _decode(self, state: Any) -> Any:
+        with self.compute:
+            return self.engine.decode(state)

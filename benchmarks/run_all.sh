@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every benchmark and the report, in one command (about 15 minutes on the 2-core CPU machine):
+#
+#   benchmarks/run_all.sh
+#
+# Environment: MODEL (default: the bundled srd-tiny), OUT (default: benchmarks/results), QUALITY_VIDEOS (64),
+# SERVING_ARGS (extra flags for serving_compare.py, e.g. "--repeats 1" for a quick look).
+# Writes under benchmarks/results/: sr_speedup.json, quality.json, serving.json (+ serving_records.jsonl, every
+# request with its job record), run_all.json (wall time of each step), REPORT.md and its PNG plots.
+# Run it on an otherwise idle machine: the serving comparison pins its workers to cores 0 and 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+OUT="${OUT:-benchmarks/results}"
+MODEL_ARGS=()
+if [ -n "${MODEL:-}" ]; then MODEL_ARGS=(--model "$MODEL"); fi
+read -r -a SERVING_EXTRA <<< "${SERVING_ARGS:-}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+mkdir -p "$OUT"
+
+TIMINGS=""
+step() {
+    local name=$1 began=$SECONDS
+    shift
+    echo "== $name: $*"
+    "$@"
+    TIMINGS="$TIMINGS${TIMINGS:+, }\"$name\": $((SECONDS - began))"
+    echo "{$TIMINGS}" > "$OUT/run_all.json"
+}
+
+# The request shape is the model's default (srserve.json next to model_index.json); refuse Wan's 832x480x81.
+"$PY" - "${MODEL:-}" <<'PYEOF'
+import sys
+from srserve.pipeline.engine import SREngine
+from srserve.pipeline.spec import resolve_model_spec
+d = SREngine.load(resolve_model_spec(sys.argv[1] or None), roles=()).family.defaults
+print(f"model defaults: {d.width}x{d.height} x {d.num_frames} frames, {d.num_inference_steps} steps")
+if d.width * d.height * d.num_frames > 256 * 256 * 33:
+    sys.exit("these defaults are far too large for a CPU benchmark: give the model a srserve.json with its own")
+PYEOF
+rm -f "$OUT/run_all.json"
+step single_request "$PY" benchmarks/sr_speedup.py "${MODEL_ARGS[@]}" --repeats 5 --threads 1 \
+    --out "$OUT/sr_speedup.json"
+# One torch thread, like every serving worker and the single-request benchmark (and robust to a busy machine).
+step quality "$PY" -m srserve.cli tiny quality "${MODEL_ARGS[@]}" --videos "${QUALITY_VIDEOS:-64}" --threads 1 \
+    --out-json "$OUT/quality.json"
+step serving "$PY" benchmarks/serving_compare.py "${MODEL_ARGS[@]}" "${SERVING_EXTRA[@]}" --out "$OUT/serving.json"
+step report "$PY" benchmarks/report.py --results "$OUT"
+echo "done in $SECONDS s: $OUT/REPORT.md"
