@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark and the report, in one command (about 15 minutes on the 2-core CPU machine):
+# Every benchmark and the report, in one command (16 minutes on the 2-core CPU machine: 964 s measured):
 #
 #   benchmarks/run_all.sh
 #

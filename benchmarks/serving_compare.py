@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import LoadSpec, run_load  # noqa: E402
-from serving_metrics import phase_metrics, spread  # noqa: E402
+from serving_metrics import cpu_cores, cpu_snapshot, phase_metrics, spread  # noqa: E402
 
 SETUPS = ("large-only", "colocated-sr", "disaggregated-sr")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -235,14 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     model = spec.model_dump()
     try:
         def run_phase(setup: str, phase: str, repeat: int, spec_: LoadSpec, concurrency=None) -> dict:
+            cpu_before, began = cpu_snapshot(), time.monotonic()
             rows = [dict(asdict(r), latency=r.latency, server_latency=r.server_latency)
                     for r in asyncio.run(run_load(replace(spec_, url=f"{base}/{setup}")))]
+            cpu = cpu_cores(cpu_before, cpu_snapshot(), time.monotonic() - began, os.getpid())
             asyncio.run(drain(f"{base}/{setup}", rows))
             for row in rows:
                 records_file.write(json.dumps(dict(slim(row), setup=setup, phase=phase, repeat=repeat)) + "\n")
             metrics = phase_metrics(rows, pools_of(setup, opts.workers, split), concurrency)
             run = {"setup": setup, "phase": phase, "repeat": repeat, "offered_rps": spec_.poisson_rate,
-                   "concurrency": spec_.concurrency, **metrics}
+                   "concurrency": spec_.concurrency, "cpu_cores": cpu, **metrics}
             runs.append(run)
             lat = metrics["latency_s"]["p50"]
             print(f"[{time.monotonic() - started:6.0f}s] {setup:17s} {phase:12s} r{repeat} done "

@@ -6,6 +6,7 @@ its stages (denoising, or waiting in its batch); a pool of W workers counts at m
 """
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Any, Iterable
 
@@ -127,3 +128,46 @@ def phase_metrics(records: list[dict[str, Any]], pools: dict[str, dict[str, Any]
     out["handoff_fraction_of_latency_p50"] = percentile(
         [h["seconds"] / x for h, x in zip(handoffs, lat) if x > 0], 50)
     return out
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """{pid: (command line, CPU seconds so far)} of every process on the machine (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile
+            continue
+        out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / ticks)  # utime + stime
+    return out
+
+
+def cpu_role(cmd: str, pid: int, driver: int) -> str:
+    """What a process is, for the CPU breakdown: a deployment of the app under test, Serve, Ray, or else."""
+    if pid == driver:
+        return "load generator + driver"
+    if cmd.startswith("ray::ServeReplica:"):
+        return "replica " + cmd.split(":")[-1].split()[0].split(".")[0]
+    if cmd.startswith("ray::ProxyActor"):
+        return "serve proxy"
+    if cmd.startswith("ray::ServeController"):
+        return "serve controller"
+    if any(name in cmd for name in ("raylet", "gcs_server", "ray/dashboard", "log_monitor", "ray/autoscaler",
+                                    "default_worker.py", "runtime_env", "ray::IDLE")):
+        return "ray core"
+    return "other processes"
+
+
+def cpu_cores(before: dict, after: dict, seconds: float, driver: int) -> dict[str, float]:
+    """Cores used per role between two snapshots (processes that started in between count from zero)."""
+    used: dict[str, float] = {}
+    for pid, (cmd, total) in after.items():
+        delta = total - before.get(pid, (cmd, 0.0))[1]
+        if delta > 0:
+            role = cpu_role(cmd, pid, driver)
+            used[role] = used.get(role, 0.0) + delta / seconds
+    return dict(sorted(used.items(), key=lambda kv: -kv[1]))
