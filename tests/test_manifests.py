@@ -5,16 +5,14 @@ subset of kustomize the manifests use; cross-checked against `kubectl kustomize`
 every RayService is checked the way KubeRay, Ray and srserve would read it: serveConfigV2 against Ray Serve's
 schema and `AppArgs`, each worker group's advertised resources with the Ray autoscaler's own parser, the pools
 the stages ask for against the groups that advertise them, pod counts against the Serve autoscaling bounds,
-graceful shutdown against the pods' grace periods, volumes against the paths in the args. The Grafana dashboard
-may only query metrics that Ray 2.60 exports (an allowlist, itself checked against Ray's installed source).
+graceful shutdown against the pods' grace periods, volumes against the paths in the args; the monitoring kustomization
+and PodMonitors scrape Ray's metrics ports (the dashboard itself: test_monitoring.py).
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import math
-import re
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
@@ -22,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kustomize_render import by_key, kustomization, render
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -31,7 +30,6 @@ OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yam
 KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
 RAYSERVICE_TARGETS = [K8S / "base", *OVERLAYS]
 WRITERS = ("decode", "colocated")  # the deployments that write the videos (AppArgs.stages() names)
-NAMESPACED_EXEMPT = {"Namespace"}
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -56,15 +54,12 @@ def test_every_yaml_file_parses(path: Path) -> None:
     assert docs, f"{path}: empty"
 
 
-# --- a small kustomize -------------------------------------------------------------------------------------------
-
-def _kustomization(directory: Path) -> dict[str, Any]:
-    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+# --- kustomizations (rendered by kustomize_render.py) -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
 def test_kustomization_references_exist(directory: Path) -> None:
-    kust = _kustomization(directory)
+    kust = kustomization(directory)
     for resource in kust.get("resources", []):
         target = (directory / resource).resolve()
         assert target.is_file() or (target / "kustomization.yaml").is_file(), f"{directory}: {resource} missing"
@@ -80,139 +75,13 @@ def test_kustomization_references_exist(directory: Path) -> None:
     assert not unknown, f"{directory}: kustomize features this test does not render: {unknown}"
 
 
-def _pointer(path: str) -> list[str]:
-    assert path.startswith("/"), path
-    return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
-
-
-def _json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
-    """RFC 6902 add / remove / replace / test."""
-    for op in ops:
-        *parents, last = _pointer(op["path"])
-        node = doc
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        kind = op["op"]
-        if isinstance(node, list):
-            index = len(node) if last == "-" else int(last)
-            if kind == "test":
-                assert node[index] == op["value"], f"patch test failed at {op['path']}"
-            elif kind == "add":
-                node.insert(index, copy.deepcopy(op["value"]))
-            elif kind == "replace":
-                node[index] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del node[index]
-            else:
-                raise AssertionError(f"unsupported op {kind}")
-        else:
-            if kind == "test":
-                assert node[last] == op["value"], f"patch test failed at {op['path']}: {node.get(last)!r}"
-            elif kind in ("add", "replace"):
-                assert kind == "add" or last in node, f"replace of a missing {op['path']}"
-                node[last] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del node[last]
-            else:
-                raise AssertionError(f"unsupported op {kind}")
-    return doc
-
-
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 (what kustomize's strategic merge amounts to for the maps these patches touch)."""
-    if not isinstance(patch, dict) or not isinstance(target, dict):
-        return copy.deepcopy(patch)
-    out = dict(target)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge_patch(out.get(key), value)
-    return out
-
-
-def _matches(doc: dict[str, Any], target: dict[str, Any]) -> bool:
-    group, _, version = doc["apiVersion"].rpartition("/")
-    checks = {"kind": doc["kind"], "name": doc["metadata"]["name"], "group": group, "version": version}
-    return all(checks[key] == value for key, value in target.items() if key in checks)
-
-
-def _set_images(node: Any, images: list[dict[str, str]]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                for container in value:
-                    for image in images:
-                        if container.get("image", "").split(":")[0] == image["name"]:
-                            name = image.get("newName", image["name"])
-                            container["image"] = f"{name}:{image['newTag']}" if "newTag" in image else name
-            _set_images(value, images)
-    elif isinstance(node, list):
-        for item in node:
-            _set_images(item, images)
-
-
-def render(directory: Path) -> list[dict[str, Any]]:
-    """The documents `kustomize build directory` would produce (for the features these manifests use)."""
-    kust = _kustomization(directory)
-    docs: list[dict[str, Any]] = []
-    for resource in kust.get("resources", []):
-        path = directory / resource
-        if path.is_dir():
-            docs.extend(render(path))
-        else:
-            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
-    options = kust.get("generatorOptions", {})
-    for generator in kust.get("configMapGenerator", []):
-        data = {}
-        for entry in generator.get("files", []):
-            key, _, name = entry.rpartition("=")
-            data[key or Path(name).name] = (directory / name).read_text()
-        meta: dict[str, Any] = {"name": generator["name"]}
-        if options.get("labels"):
-            meta["labels"] = dict(options["labels"])
-        assert options.get("disableNameSuffixHash"), "hashed ConfigMap names are not rendered here"
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
-    for patch in kust.get("patches", []):
-        text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
-        loaded = [d for d in yaml.safe_load_all(text) if d is not None]
-        if len(loaded) == 1 and isinstance(loaded[0], list):  # JSON 6902
-            targets = [d for d in docs if _matches(d, patch["target"])]
-            assert targets, f"{directory}: patch {patch} matches nothing"
-            for doc in targets:
-                _json_patch(doc, loaded[0])
-            continue
-        for smp in loaded:  # strategic merge, one document per resource
-            index = next((i for i, d in enumerate(docs) if d["kind"] == smp["kind"]
-                          and d["metadata"]["name"] == smp["metadata"]["name"]), None)
-            assert index is not None, f"{directory}: patch for {smp['kind']}/{smp['metadata']['name']} " \
-                                      "matches nothing"
-            if smp.get("$patch") == "delete":
-                del docs[index]
-            else:
-                docs[index] = _merge_patch(docs[index], smp)
-    if "namespace" in kust:
-        for doc in docs:
-            if doc["kind"] not in NAMESPACED_EXEMPT:
-                doc["metadata"]["namespace"] = kust["namespace"]
-    if "images" in kust:
-        _set_images(docs, kust["images"])
-    return docs
-
-
-def _by_key(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    keyed = {(d["kind"], d["metadata"]["name"]): d for d in docs}
-    assert len(keyed) == len(docs), "two resources with the same kind and name"
-    return keyed
-
-
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
 def test_render_agrees_with_kubectl_kustomize(directory: Path) -> None:
     result = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    theirs = _by_key([d for d in yaml.safe_load_all(result.stdout) if d])
-    ours = _by_key(render(directory))
+    theirs = by_key([d for d in yaml.safe_load_all(result.stdout) if d])
+    ours = by_key(render(directory))
     assert sorted(theirs) == sorted(ours)
     for key in ours:
         assert theirs[key] == ours[key], f"{directory}: {key} renders differently"
@@ -221,7 +90,7 @@ def test_render_agrees_with_kubectl_kustomize(directory: Path) -> None:
 # --- the RayService ----------------------------------------------------------------------------------------------
 
 def _rayservice(directory: Path) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
-    docs = _by_key(render(directory))
+    docs = by_key(render(directory))
     services = [d for (kind, _), d in docs.items() if kind == "RayService"]
     assert len(services) == 1, f"{directory}: expected one RayService"
     assert services[0]["apiVersion"] == "ray.io/v1"
@@ -559,123 +428,7 @@ def test_deployment_serve_configs_are_valid(path: Path) -> None:
             AppArgs.model_validate(app.get("args") or {})
 
 
-# --- monitoring --------------------------------------------------------------------------------------------------
-
-# Metric names as Ray 2.60 exports them (Prometheus adds _total to counters, _bucket/_sum/_count to histograms):
-#   ray/serve/_private/replica.py          serve_deployment_request_counter, serve_deployment_error_counter,
-#                                          serve_deployment_processing_latency_ms, serve_replica_processing_queries
-#   ray/serve/_private/router.py           serve_deployment_queued_queries, serve_num_ongoing_requests_at_replicas
-#   ray/serve/_private/deployment_state.py serve_deployment_replica_healthy, serve_autoscaling_target_replicas
-#   ray/serve/_private/autoscaling_state.py serve_autoscaling_desired_replicas
-#   ray/serve/_private/request_ingress_metrics.py  serve_num_{http}_requests, serve_num_{http}_error_requests,
-#                                          serve_{http}_request_latency_ms, serve_num_ongoing_{http}_requests
-#   ray/dashboard/modules/reporter/reporter_agent.py  node_gpus_utilization, node_gram_used, node_gram_available
-#   ray_resources (Ray core's per-resource gauge; queried by Ray's own dashboards in
-#                  ray/dashboard/modules/metrics/dashboards/default_dashboard_panels.py)
-RAY_METRICS = {
-    "ray_serve_deployment_request_counter_total",
-    "ray_serve_deployment_error_counter_total",
-    "ray_serve_deployment_processing_latency_ms_bucket",
-    "ray_serve_replica_processing_queries",
-    "ray_serve_deployment_queued_queries",
-    "ray_serve_num_ongoing_requests_at_replicas",
-    "ray_serve_deployment_replica_healthy",
-    "ray_serve_autoscaling_target_replicas",
-    "ray_serve_autoscaling_desired_replicas",
-    "ray_serve_num_http_requests_total",
-    "ray_serve_num_http_error_requests_total",
-    "ray_serve_http_request_latency_ms_bucket",
-    "ray_serve_num_ongoing_http_requests",
-    "ray_node_gpus_utilization",
-    "ray_node_gram_used",
-    "ray_node_gram_available",
-    "ray_resources",
-}
-PROMQL_WORDS = {
-    "sum", "avg", "max", "min", "count", "by", "without", "on", "ignoring", "group_left", "group_right", "and",
-    "or", "unless", "rate", "irate", "increase", "histogram_quantile", "clamp_min", "clamp_max", "abs", "offset",
-    "topk", "bottomk", "quantile", "avg_over_time", "max_over_time", "label_replace", "vector", "scalar",
-}
-DASHBOARD = MONITORING / "srserve-grafana-dashboard.json"
-
-
-def _metric_names(expr: str) -> set[str]:
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)                            # strings (label values)
-    text = re.sub(r"\{[^}]*\}", "", text)                                    # label matchers
-    text = re.sub(r"\[[^\]]*\]", "", text)                                   # range selectors
-    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)  # label lists
-    words = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text))
-    return {w for w in words if w not in PROMQL_WORDS}
-
-
-def _targets() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    out = []
-    for panel in dashboard["panels"]:
-        for child in [panel, *panel.get("panels", [])]:
-            out.extend((child["title"], t["expr"]) for t in child.get("targets", []))
-    return out
-
-
-def test_metric_name_extraction() -> None:
-    expr = ('histogram_quantile(0.99, sum by (le) (rate(ray_serve_deployment_processing_latency_ms_bucket'
-            '{application=~"$application",deployment="Sketch"}[$__rate_interval]))) / on() sum(ray_resources)')
-    assert _metric_names(expr) == {"ray_serve_deployment_processing_latency_ms_bucket", "ray_resources"}
-
-
-def test_dashboard_queries_only_metrics_ray_exports() -> None:
-    targets = _targets()
-    assert len(targets) > 20
-    for title, expr in targets:
-        unknown = _metric_names(expr) - RAY_METRICS
-        assert not unknown, f"panel {title!r} queries {unknown}, not in the allowlist of Ray 2.60 metrics"
-
-
-def test_dashboard_covers_every_stage() -> None:
-    exprs = [expr for _, expr in _targets()]
-    for deployment in ("Ingress", "Encode", "Sketch", "Render", "Decode"):
-        mine = [e for e in exprs if f'deployment="{deployment}"' in e]
-        for metric in ("ray_serve_deployment_request_counter_total", "ray_serve_deployment_queued_queries",
-                       "ray_serve_replica_processing_queries", "ray_serve_deployment_replica_healthy"):
-            assert any(metric in e for e in mine), f"{deployment}: no panel on {metric}"
-        for q in ("0.5", "0.99"):
-            assert any(f"histogram_quantile({q}," in e and "processing_latency_ms_bucket" in e for e in mine)
-    assert any("ray_node_gpus_utilization" in e for e in exprs)
-    assert any("ray_serve_num_ongoing_http_requests" in e for e in exprs)
-
-
-def test_dashboard_is_up_to_date_with_its_generator() -> None:
-    builder = _load(MONITORING / "build_dashboard.py", "srserve_build_dashboard")
-    assert DASHBOARD.read_text() == builder.render(), "run python deployments/monitoring/build_dashboard.py"
-    uids = {p["id"] for p in json.loads(DASHBOARD.read_text())["panels"]}
-    assert len(uids) == len(json.loads(DASHBOARD.read_text())["panels"])
-
-
-def _ray_source_text() -> str:
-    ray = pytest.importorskip("ray")
-    base = Path(ray.__file__).parent
-    files = [*(base / "serve").rglob("*.py"), base / "dashboard" / "modules" / "reporter" / "reporter_agent.py",
-             *(base / "dashboard" / "modules" / "metrics" / "dashboards").glob("*.py")]
-    return "\n".join(f.read_text(errors="replace") for f in files)
-
-
-def test_allowlist_is_what_ray_defines() -> None:
-    source = _ray_source_text()
-    for metric in RAY_METRICS:
-        if metric == "ray_resources":  # defined in Ray core (C++); Ray's own dashboards query it
-            assert "ray_resources{" in source
-            continue
-        base = re.sub(r"_(total|bucket|sum|count)$", "", metric.removeprefix("ray_"))
-        # literal names, or the protocol-templated ones of request_ingress_metrics.py
-        templated = base.replace("_http_", "_{protocol_name}_").replace("serve_http_", "serve_{protocol_name}_")
-        assert f'"{base}"' in source or templated in source, f"{metric}: not defined in Ray's source"
-
-
-def test_local_prometheus_uses_rays_service_discovery_file() -> None:
-    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    files = [f for job in config["scrape_configs"] for sd in job.get("file_sd_configs", []) for f in sd["files"]]
-    assert "/tmp/ray/prom_metrics_service_discovery.json" in files
-
+# --- monitoring (the dashboard and Prometheus config are checked in test_monitoring.py) ----------------------
 
 def test_podmonitors_scrape_the_ray_metrics_ports() -> None:
     docs = render(K8S / "monitoring")

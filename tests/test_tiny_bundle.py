@@ -9,6 +9,7 @@ import torch
 
 from srserve.tiny import BUNDLE_PATH
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -16,15 +17,6 @@ def pipe():
     from diffusers import WanPipeline
 
     return WanPipeline.from_pretrained(BUNDLE_PATH)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _generate(pipe, steps=2, seed=0):

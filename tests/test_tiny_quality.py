@@ -19,16 +19,10 @@ from srserve.tiny import BUNDLE_PATH, default_model_path
 from srserve.tiny.evaluate import score_video, summarize
 from srserve.tiny.quality import held_out_pairs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMOKE_PAIRS = 8
 MIN_COLOR, MIN_MOTION = 60.0, 75.0  # percent of the smoke videos
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def smoke_accuracy(model_dir, switch: str) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,9 +63,7 @@ class HandoffState:
         return sum(t.numel() * t.element_size() for t in _tensors(self))
 
     def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        pickle.dump(self, buffer, protocol=pickle.HIGHEST_PROTOCOL)
-        return buffer.getvalue()
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
     def from_bytes(data: bytes) -> "HandoffState":
@@ -92,16 +89,16 @@ def _tensors(obj: Any):
             yield from _tensors(value)
 
 
-def _to_cpu(value: Any) -> Any:
+def to_cpu(value: Any) -> Any:
     """Deep copy with tensors moved to contiguous CPU memory: the receiver may sit on another GPU or none."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True).contiguous()
     if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
+        return {k: to_cpu(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
+        return [to_cpu(v) for v in value]
     if isinstance(value, tuple):
-        return tuple(_to_cpu(v) for v in value)
+        return tuple(to_cpu(v) for v in value)
     return copy.deepcopy(value)
 
 
@@ -133,7 +130,7 @@ def capture_scheduler(scheduler: Any) -> tuple[str, dict[str, Any], dict[str, An
     """
     attrs = {k: v for k, v in vars(scheduler).items() if k not in _SCHEDULER_SKIP}
     on_device = sorted(k for k, v in attrs.items() if _on_accelerator(v))
-    return type(scheduler).__name__, dict(scheduler.config), {"attrs": _to_cpu(attrs), "on_device": on_device}
+    return type(scheduler).__name__, dict(scheduler.config), {"attrs": to_cpu(attrs), "on_device": on_device}
 
 
 def restore_scheduler(state: HandoffState, device: torch.device | str = "cpu") -> Any:
@@ -147,7 +144,3 @@ def restore_scheduler(state: HandoffState, device: torch.device | str = "cpu") -
         attrs[key] = _to_device(attrs[key], device)
     vars(scheduler).update(attrs)
     return scheduler
-
-
-def to_cpu(value: Any) -> Any:
-    return _to_cpu(value)

@@ -1,6 +1,7 @@
 """What every family provides to the engine, and the loading helpers they share."""
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -104,7 +105,13 @@ def reset_cache(model: torch.nn.Module) -> None:
 
 
 def step_accepts_generator(scheduler: Any) -> bool:
-    return "generator" in inspect.signature(scheduler.step).parameters
+    return _step_accepts_generator(type(scheduler))
+
+
+@functools.cache
+def _step_accepts_generator(scheduler_class: type) -> bool:
+    # Asked once per denoising step: inspect the class once.
+    return "generator" in inspect.signature(scheduler_class.step).parameters
 
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
