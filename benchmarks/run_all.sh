@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark and the report, in one command (16 minutes on the 2-core CPU machine: 964 s measured):
+# Every benchmark and the report, in one command (964 s on the 2-core CPU machine with the previous, smaller
+# srd-tiny; longer with the current one, not yet timed):
 #
 #   benchmarks/run_all.sh
 #

@@ -198,3 +198,12 @@ def test_cli_errors_and_validate(tmp_path, capsys):
     assert main(["validate", "--n", "4", "--seed", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["clean"]["videos"] == 4 and out["augmented"]["videos"] == 4
+
+
+def test_cli_scores_the_bundled_vae_reconstructions(capsys):
+    assert main(["vae", "--n", "0"]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err
+    assert main(["vae", "--n", "2", "--seed", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["clips"] == out["videos"] == 2 and out["model"].endswith("srd-tiny")
+    assert 0.0 <= out["shape_acc"] <= 100.0 and out["psnr"] > 0

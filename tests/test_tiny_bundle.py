@@ -109,3 +109,12 @@ def test_tokenizer_survives_the_pipelines_cleaning_and_padding():
     assert canonical.input_ids != tok(prompt_clean("a blue circle moving right"), **kwargs).input_ids
     empty = tok(prompt_clean(""), **kwargs)
     assert sum(empty.attention_mask) == 1
+
+
+def test_vae_keeps_color_shape_and_motion(pipe):
+    """The VAE is every generator's ceiling: its reconstructions of ground-truth clips must score on all three."""
+    from srserve.tiny.train_vae import reconstruction_summary
+
+    summary = reconstruction_summary(pipe.vae, n=8, seed=7)
+    assert min(summary["color_acc"], summary["shape_acc"], summary["motion_acc"]) >= 95.0, summary
+    assert summary["psnr"] > 20.0, summary

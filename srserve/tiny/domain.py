@@ -34,7 +34,7 @@ class ClipSpec:
     color: str
     shape: str
     direction: str
-    radius: float = 9.0
+    radius: float = 12.0
     start_x: float = 32.0
     start_y: float = 32.0
     speed: float = 1.5  # pixels per frame
@@ -81,8 +81,8 @@ def sample_spec(
     color = color or str(rng.choice(list(COLORS)))
     shape = shape or str(rng.choice(SHAPES))
     direction = direction or str(rng.choice(list(DIRECTIONS)))
-    radius = float(rng.uniform(0.11, 0.16) * size)
-    speed = float(rng.uniform(0.9, 1.6) * size / 64)
+    radius = float(rng.uniform(0.16, 0.22) * size)
+    speed = float(rng.uniform(0.9, 1.5) * size / 64)
     travel = speed * (num_frames - 1)
     dx, dy = DIRECTIONS[direction]
     lo, hi = radius + 1, size - radius - 1

@@ -280,6 +280,24 @@ def _read_manifest(path: Path) -> list[dict]:
     return entries
 
 
+def _vae_check(model: str | None, n: int, seed: int) -> int:
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from srserve.tiny import default_model_path
+    from srserve.tiny.train_vae import reconstruction_summary
+
+    if n < 1:
+        print("srserve eval vae: error: --n must be >= 1", file=sys.stderr)
+        return 2
+    path = Path(model or default_model_path())
+    torch.set_num_threads(1)
+    vae = AutoencoderKLWan.from_pretrained(path / "vae" if (path / "vae").is_dir() else path).eval()
+    print(json.dumps({"model": str(path), "clips": n, "seed": seed, **reconstruction_summary(vae, n, seed)},
+                     indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="srserve eval", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,7 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--blur", type=float, default=0.7, help="blur sigma (pixels) of the augmented condition")
     val.add_argument("--frames", type=int, default=17)
     val.add_argument("--size", type=int, default=64, help="frame height and width")
+    rec = sub.add_parser("vae", help="scores of a VAE's reconstructions of ground-truth clips (a generator's ceiling)")
+    rec.add_argument("--model", default=None, help="diffusers bundle directory (default: the bundled srd-tiny)")
+    rec.add_argument("--n", type=int, default=48)
+    rec.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
+    if args.command == "vae":
+        return _vae_check(args.model, args.n, args.seed)
     if args.command == "validate":
         if args.n < 1 or args.frames < 2 or args.size < 16 or args.noise < 0 or args.blur < 0:
             parser.error("need --n >= 1, --frames >= 2, --size >= 16, --noise >= 0, --blur >= 0")

@@ -56,8 +56,8 @@ _DIT_COMMON = dict(
     eps=1e-6,
     rope_max_seq_len=64,
 )
-SKETCH = dict(_DIT_COMMON, num_attention_heads=5, attention_head_dim=32, ffn_dim=640, num_layers=4)
-RENDER = dict(_DIT_COMMON, num_attention_heads=2, attention_head_dim=32, ffn_dim=256, num_layers=2)
+SKETCH = dict(_DIT_COMMON, num_attention_heads=7, attention_head_dim=32, ffn_dim=896, num_layers=6)
+RENDER = dict(_DIT_COMMON, num_attention_heads=3, attention_head_dim=32, ffn_dim=384, num_layers=3)
 
 SCHEDULER = dict(
     num_train_timesteps=1000,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from srserve.tiny import models as M
 from srserve.tiny.common import Budget, clip_tensor, log, lr_at
 from srserve.tiny.domain import DEFAULT_FRAMES, all_prompts, sample_spec
 from srserve.tiny.tokenizer import MAX_LENGTH, build_tokenizer
-from srserve.tiny.train_vae import finetune_decoder, train_vae
+from srserve.tiny.train_vae import finetune_decoder, reconstruction_summary, train_vae
 
 COMPACT_LEN = 8
 DEFAULT_OUT = Path(__file__).parent / "bundle" / "srd-tiny"
@@ -66,11 +68,12 @@ def prompt_table(tokenizer, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lens
 
 
-def sample_sigmas(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+def sample_sigmas(kind: str, n: int, gen: torch.Generator, render_max_sigma: float = 1.0) -> torch.Tensor:
     u = torch.rand(n, generator=gen)
     if kind == "sketch":  # the density the sampler visits with flow_shift
         return (M.FLOW_SHIFT * u / (1 + (M.FLOW_SHIFT - 1) * u)).clamp(1e-3, 1.0)
-    return (u ** 1.5).clamp(1e-3, 1.0)  # render: emphasis on low noise, its job in SR
+    # render: only the low-noise range it is handed in SR, with emphasis on its low end
+    return (render_max_sigma * u ** 1.5).clamp(1e-3, 1.0)
 
 
 def train_dit(kind: str, cfg: dict, latents, prompt_ids, table, lens, args, steps, minutes, lr, batch, stop):
@@ -90,7 +93,7 @@ def train_dit(kind: str, cfg: dict, latents, prompt_ids, table, lens, args, step
         x0 = latents[idx]
         pid = prompt_ids[idx].clone()
         pid[torch.rand(batch, generator=gen) < args.cfg_dropout] = empty
-        s = sample_sigmas(kind, batch, gen)
+        s = sample_sigmas(kind, batch, gen, args.render_max_sigma)
         eps = torch.randn(x0.shape, generator=gen)
         sv = s.view(-1, 1, 1, 1, 1)
         xt = (1 - sv) * x0 + sv * eps
@@ -155,40 +158,72 @@ def save_bundle(out: Path, tokenizer, text_encoder, vae, sketch, render, boundar
     pipe.save_pretrained(out, safe_serialization=True)
 
 
+def load_or_train_dit(kind: str, norm, prompt_ids, table, lens, args, resume: bool):
+    """The `kind` DiT from its checkpoint in --work if `resume` and one is there, else trained and saved there."""
+    from diffusers import WanTransformer3DModel
+
+    ckpt = args.work / kind
+    if resume and (ckpt / "config.json").exists():
+        log(f"{kind}: resumed")
+        return WanTransformer3DModel.from_pretrained(ckpt).eval(), json.loads(
+            (args.work / f"{kind}_stats.json").read_text())
+    a = vars(args)
+    cfg = M.SKETCH if kind == "sketch" else M.RENDER
+    model, stats = train_dit(kind, cfg, norm, prompt_ids, table, lens, args, a[f"{kind}_steps"],
+                             a[f"{kind}_minutes"], a[f"{kind}_lr"], a[f"{kind}_batch"], a[f"{kind}_stop"])
+    model.save_pretrained(ckpt)
+    (args.work / f"{kind}_stats.json").write_text(json.dumps(stats))
+    return model, stats
+
+
+def spawn_stage(kind: str, argv: list[str], work: Path) -> subprocess.Popen:
+    """This same command in a child process that resumes the VAE and latents and trains only `kind` on 1 thread."""
+    cmd = [sys.executable, "-m", "srserve.tiny.train", *argv, "--resume", "--only", kind, "--threads", "1"]
+    log(f"{kind}: training in a child process, log {work / (kind + '.log')}")
+    return subprocess.Popen(cmd, stdout=open(work / f"{kind}.log", "w"), stderr=subprocess.STDOUT)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="srserve tiny train", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundle directory to write")
     p.add_argument("--work", type=Path, default=Path("runs/tiny-train"), help="checkpoints, logs, stats")
     p.add_argument("--img-dir", type=Path, default=None, help="where loss PNGs go (default: --work)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="reuse finished stages found in --work")
-    p.add_argument("--vae-steps", type=int, default=3200)
+    p.add_argument("--parallel", action="store_true",
+                   help="after the VAE, train the sketch DiT in a child process (1 thread) while this one trains "
+                        "the render DiT and the decoder (1 thread): uses both cores of a 2-core machine")
+    p.add_argument("--only", choices=["sketch", "render"], default=None,
+                   help="train just this DiT (VAE and latents resumed from --work), save it to --work and stop")
+    p.add_argument("--vae-steps", type=int, default=5000)
     p.add_argument("--vae-stop", type=int, default=None, help="stop after this many steps (default: --vae-steps)")
-    p.add_argument("--vae-minutes", type=float, default=17.0)
+    p.add_argument("--vae-minutes", type=float, default=28.0)
     p.add_argument("--vae-batch", type=int, default=4)
     p.add_argument("--vae-frames", type=int, default=DEFAULT_FRAMES)
-    p.add_argument("--vae-image-steps", type=int, default=1200, help="first steps on single frames")
+    p.add_argument("--vae-image-steps", type=int, default=1500, help="first steps on single frames")
     p.add_argument("--vae-image-batch", type=int, default=16)
-    p.add_argument("--vae-crop", type=int, default=32, help="train on crops (multiple of 8) around the object")
+    p.add_argument("--vae-crop", type=int, default=40, help="train on crops (multiple of 8) around the object")
     p.add_argument("--vae-lr", type=float, default=3e-4)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--decoder-steps", type=int, default=1000, help="last stage: decoder fine-tune, encoder frozen")
     p.add_argument("--decoder-stop", type=int, default=None)
-    p.add_argument("--decoder-minutes", type=float, default=6.0)
+    p.add_argument("--decoder-minutes", type=float, default=12.0)
     p.add_argument("--decoder-lr", type=float, default=3e-4)
     p.add_argument("--decoder-edges", type=float, default=0.5)
-    p.add_argument("--clips", type=int, default=1728)
-    p.add_argument("--sketch-steps", type=int, default=3400)
+    p.add_argument("--clips", type=int, default=3456)
+    p.add_argument("--sketch-steps", type=int, default=3800)
     p.add_argument("--sketch-stop", type=int, default=None, help="stop after this many steps (default: --sketch-steps)")
-    p.add_argument("--sketch-minutes", type=float, default=27.0)
-    p.add_argument("--sketch-lr", type=float, default=6e-4)
+    p.add_argument("--sketch-minutes", type=float, default=62.0)
+    p.add_argument("--sketch-lr", type=float, default=5e-4)
     p.add_argument("--sketch-batch", type=int, default=32)
     p.add_argument("--render-steps", type=int, default=6000)
     p.add_argument("--render-stop", type=int, default=None, help="stop after this many steps (default: --render-steps)")
-    p.add_argument("--render-minutes", type=float, default=7.0)
+    p.add_argument("--render-minutes", type=float, default=26.0)
     p.add_argument("--render-lr", type=float, default=1e-3)
     p.add_argument("--render-batch", type=int, default=32)
+    p.add_argument("--render-max-sigma", type=float, default=0.9,
+                   help="the render DiT trains on noise levels s <= this (the bundle hands over at s <= 0.89)")
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--boundary-ratio", type=float, default=None,
@@ -233,22 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     stats["latents"] = {"mean": mean.tolist(), "std": std.tolist(), "normalized_var": norm.var().item()}
     log(f"latent std per channel {[round(v, 3) for v in std.tolist()]}, normalized var {norm.var().item():.3f}")
 
+    child = None
+    if args.parallel and not args.only and not (args.resume and (work / "sketch" / "config.json").exists()):
+        child = spawn_stage("sketch", argv if argv is not None else sys.argv[1:], work)
+        torch.set_num_threads(1)  # the other core is the child's
+    kinds = [args.only] if args.only else [k for k in ("sketch", "render") if not (child and k == "sketch")]
     models = {}
-    for kind, cfg in (("sketch", M.SKETCH), ("render", M.RENDER)):
-        ckpt = work / kind
-        if args.resume and (ckpt / "config.json").exists():
-            from diffusers import WanTransformer3DModel
-
-            models[kind] = WanTransformer3DModel.from_pretrained(ckpt).eval()
-            stats[kind] = json.loads((work / f"{kind}_stats.json").read_text())
-            log(f"{kind}: resumed")
-            continue
-        a = vars(args)
-        models[kind], stats[kind] = train_dit(kind, cfg, norm, prompt_ids, table, lens, args, a[f"{kind}_steps"],
-                                              a[f"{kind}_minutes"], a[f"{kind}_lr"], a[f"{kind}_batch"],
-                                              a[f"{kind}_stop"])
-        models[kind].save_pretrained(ckpt)
-        (work / f"{kind}_stats.json").write_text(json.dumps(stats[kind]))
+    for kind in kinds:
+        # --only always trains: it is the child of a --parallel run, which resumes only the VAE and latents
+        models[kind], stats[kind] = load_or_train_dit(kind, norm, prompt_ids, table, lens, args,
+                                                      resume=args.resume and not args.only)
+    if args.only:
+        return 0
 
     if args.decoder_steps > 0:
         dec_dir = work / "vae_decoder"
@@ -263,11 +294,17 @@ def main(argv: list[str] | None = None) -> int:
             vae.save_pretrained(dec_dir)
             (work / "decoder_stats.json").write_text(json.dumps(stats["decoder"]))
 
+    if child is not None:
+        if child.wait() != 0:
+            raise SystemExit(f"the sketch stage failed (exit {child.returncode}); see {work / 'sketch.log'}")
+        models["sketch"], stats["sketch"] = load_or_train_dit("sketch", norm, prompt_ids, table, lens, args,
+                                                              resume=True)
     for kind in ("sketch", "render"):
         stats[kind]["step_flops"] = M.step_flops(models[kind])
         stats[kind]["step_seconds"] = M.step_seconds(models[kind])
     stats["flops_ratio"] = stats["sketch"]["step_flops"] / stats["render"]["step_flops"]
     stats["seconds_ratio"] = stats["sketch"]["step_seconds"] / stats["render"]["step_seconds"]
+    stats["vae_reconstruction"] = reconstruction_summary(vae)  # the ceiling of any generator on these latents
     stats["total_seconds"] = round(time.perf_counter() - t_start, 1)  # this invocation (less when resumed)
     stats["train_seconds"] = round(sum(stats[k]["seconds"] for k in ("vae", "encode", "sketch", "render", "decoder")
                                        if k in stats), 1)  # all stages, resumed ones included

@@ -36,6 +36,24 @@ def vae_probe(vae, clips: list[torch.Tensor]) -> float:
     return float(np.mean(errs))
 
 
+@torch.no_grad()
+def reconstruction_summary(vae, n: int = 48, seed: int = 123) -> dict:
+    """The evaluator's scores of VAE reconstructions of n random ground-truth clips (PSNR/SSIM against the
+    clips): the ceiling for any generator that works in this VAE's latent space."""
+    from srserve.tiny.domain import render_clip, sample_spec
+    from srserve.tiny.evaluate import score_video, summarize
+
+    rng, scores = np.random.default_rng(seed), []
+    for _ in range(n):
+        spec = sample_spec(rng)
+        frames, _ = render_clip(spec)
+        x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None] * 2 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
+        video = ((rec.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).numpy()
+        scores.append(score_video(video, spec.prompt, frames))
+    return summarize(scores)
+
+
 def vae_loss(rec: torch.Tensor, x: torch.Tensor, edges: float = 0.0) -> torch.Tensor:
     """L1 + L2 where object and background weigh the same: with a plain mean, black everywhere is a minimum the
     VAE cannot leave. `edges` adds an L1 on spatial gradients (per object pixel), for sharp shapes."""
