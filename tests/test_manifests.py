@@ -1,4 +1,5 @@
-"""The deployment files: Kubernetes manifests (k8s/), Serve configs and monitoring (deployments/).
+"""The deployment files: Kubernetes manifests (k8s/) and monitoring (deployments/; Serve configs there:
+test_serve_configs.py, the drain hook: test_drain_hook.py).
 
 Pure Python and fast: no cluster, no Ray runtime. Each kustomization is rendered here by applying its patches (the
 subset of kustomize the manifests use; cross-checked against `kubectl kustomize` where kubectl is installed), then
@@ -10,7 +11,6 @@ and PodMonitors scrape Ray's metrics ports (the dashboard itself: test_monitorin
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -375,57 +375,6 @@ def test_network_policies_expose_only_the_serve_port(directory: Path) -> None:
             else:
                 assert ports, "a rule for other sources (the operator, Prometheus) must name its ports"
     assert open_ports == {port}
-
-
-# --- the drain hook ----------------------------------------------------------------------------------------------
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_drain_hook_helpers() -> None:
-    drain = _load(K8S / "base" / "drain_node.py", "srserve_k8s_drain_node")
-    args = drain.parse_args(["--deadline-s", "1860"])
-    assert args.deadline_s == 1860 and args.reason == "DRAIN_NODE_REASON_PREEMPTION"
-    with pytest.raises(SystemExit):
-        drain.parse_args(["--deadline-s", "0"])
-    actors = [{"class_name": "ServeReplica:srserve:Sketch"}, {"class_name": "ProxyActor"},
-              type("ActorState", (), {"class_name": "ServeReplica:srserve:Render"})()]
-    assert drain.replicas_left(actors) == ["ServeReplica:srserve:Render", "ServeReplica:srserve:Sketch"]
-    command = drain.drain_command("10.0.0.1:6379", "abc", "DRAIN_NODE_REASON_PREEMPTION", 90)
-    assert command[1:4] == ["-m", "ray.scripts.scripts", "drain-node"]
-    assert command[-2:] == ["--deadline-remaining-seconds", "90"]
-
-
-def test_drain_reason_and_cli_exist_in_this_ray() -> None:
-    pytest.importorskip("ray")
-    from ray.core.generated import autoscaler_pb2
-    from ray.scripts.scripts import cli
-
-    assert "DRAIN_NODE_REASON_PREEMPTION" in autoscaler_pb2.DrainNodeReason.keys()
-    drain = cli.commands["drain-node"]
-    assert {"--node-id", "--address", "--reason", "--reason-message", "--deadline-remaining-seconds"} <= {
-        opt for param in drain.params for opt in param.opts}
-
-
-# --- the Serve configs in deployments/ ---------------------------------------------------------------------------
-
-SERVE_CONFIGS = sorted(p for p in DEPLOYMENTS.glob("*.yaml") if "applications" in yaml.safe_load(p.read_text()))
-
-
-@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=_ids(SERVE_CONFIGS))
-def test_deployment_serve_configs_are_valid(path: Path) -> None:
-    from ray.serve.schema import ServeDeploySchema
-    from srserve.serving.args import AppArgs
-
-    config = yaml.safe_load(path.read_text())
-    ServeDeploySchema.model_validate(config)
-    for app in config["applications"]:
-        if app["import_path"] == "srserve.serving:build_app":
-            AppArgs.model_validate(app.get("args") or {})
 
 
 # --- monitoring (the dashboard and Prometheus config are checked in test_monitoring.py) ----------------------

@@ -119,7 +119,8 @@ def run_table(model: str | None, count: int, steps: int | None, policies: list[s
 
 def markdown(result: dict) -> str:
     lines = [
-        f"{result['videos']} held-out prompt x seed pairs (seeds from {result['seed_base']:,}), {result['steps']} steps, model `{result['model']}`, "
+        f"{result['videos']} held-out prompt x seed pairs (seeds from {result['seed_base']:,}), "
+        f"{result['steps']} steps, model `{result['model']}`, "
         f"{result['torch_threads']} torch thread(s). Accuracy in %; PSNR/SSIM against the `none` video of the "
         "same seed; seconds = denoise + decode per video (median, [min, max]).",
         "",

@@ -1,0 +1,23 @@
+"""The Serve configs in deployments/: valid for Ray Serve's schema, and for srserve's AppArgs where they build srserve."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
+
+SERVE_CONFIGS = sorted(p for p in DEPLOYMENTS.glob("*.yaml") if "applications" in yaml.safe_load(p.read_text()))
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.name for p in SERVE_CONFIGS])
+def test_deployment_serve_configs_are_valid(path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+    from srserve.serving.args import AppArgs
+
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        if app["import_path"] == "srserve.serving:build_app":
+            AppArgs.model_validate(app.get("args") or {})
