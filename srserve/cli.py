@@ -28,6 +28,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance-2", type=float, default=None,
+                   help="the render (small) model's guidance (default: the model's, else --guidance)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--max-sequence-length", type=int, default=512)
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the spec's, cpu)")
@@ -54,6 +56,7 @@ def run_generate(args: argparse.Namespace) -> int:
         request = GenerationRequest(
             prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             num_frames=args.frames, height=height, width=width, seed=args.seed, guidance_scale=args.guidance,
+            guidance_scale_2=args.guidance_2,
             switch=args.switch, max_sequence_length=args.max_sequence_length,
         )
         spec = resolve_model_spec(args.model, device=args.device, dtype=args.dtype,

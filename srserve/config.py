@@ -44,6 +44,9 @@ class ModelSpec(BaseModel):
     default_width: int | None = Field(None, ge=8)
     default_steps: int | None = Field(None, ge=1)
     default_switch: str = "adaptive"
+    # The render (small) model's classifier-free guidance when a request leaves guidance_scale_2 out; None: the
+    # request's guidance_scale, as diffusers' Wan2.2 pipeline does.
+    default_guidance_scale_2: float | None = Field(None, ge=0.0, le=50.0)
     use_dynamic_cfg: bool = False  # CogVideoX only: diffusers' dynamic classifier-free guidance
     fps: int = Field(16, ge=1, le=120)
 
@@ -60,5 +63,6 @@ class GenerationRequest(BaseModel):
     width: int | None = Field(None, ge=16, le=4096)
     seed: int = Field(0, ge=0, lt=2**63)
     guidance_scale: float = Field(5.0, ge=0.0, le=50.0)
+    guidance_scale_2: float | None = Field(None, ge=0.0, le=50.0)  # the render stage's (diffusers' Wan2.2 name)
     switch: str | None = None
     max_sequence_length: int = Field(512, ge=1, le=4096)

@@ -99,6 +99,7 @@ def test_seconds_map_to_stride_frames():
     ({"prompt": "ok", "seconds": "soon"}, "seconds", "number of seconds"),
     ({"prompt": "ok", "num_inference_steps": 21}, "num_inference_steps", "between 1 and 20"),
     ({"prompt": "ok", "guidance_scale": 99}, "guidance_scale", "between 0 and 20"),
+    ({"prompt": "ok", "guidance_scale_2": -1}, "guidance_scale_2", "between 0 and 20"),
     ({"prompt": "ok", "switch": "sometimes"}, "switch", "adaptive"),
     ({"prompt": "ok", "model": "sora-2"}, "model", "unknown model 'sora-2'"),
     ({"prompt": "ok", "fps": 0}, "fps", "between 1"),

@@ -21,12 +21,13 @@ def request(switch: str, seed: int = 3, **kw) -> GenerationRequest:
                              height=SIZE, width=SIZE, seed=seed, guidance_scale=5.0, switch=switch, **kw)
 
 
-def diffusers_frames(model_dir, boundary_ratio, seed=3) -> np.ndarray:
+def diffusers_frames(model_dir, boundary_ratio, seed=3, **kw) -> np.ndarray:
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(model_dir, boundary_ratio=boundary_ratio)
     out = pipe(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=STEPS, num_frames=FRAMES, height=SIZE,
-               width=SIZE, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+               width=SIZE, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+               **kw)
     return out.frames[0]
 
 
@@ -45,6 +46,21 @@ def test_ratio_equals_diffusers_two_transformers(engine, wan_unipc_dir):
     ours = engine.generate(request("ratio:0.9"))
     assert 0 < ours.switch_step < STEPS  # a real split, not a degenerate one
     np.testing.assert_allclose(ours.frames, diffusers_frames(wan_unipc_dir, 0.9), atol=1e-5, rtol=0)
+
+
+def test_render_guidance_equals_diffusers_guidance_scale_2(engine, wan_unipc_dir):
+    ours = engine.generate(request("ratio:0.9", guidance_scale_2=2.0))
+    np.testing.assert_allclose(ours.frames, diffusers_frames(wan_unipc_dir, 0.9, guidance_scale_2=2.0), atol=1e-5,
+                               rtol=0)
+    assert not np.allclose(ours.frames, engine.generate(request("ratio:0.9")).frames)  # it reached the render
+
+
+def test_render_guidance_defaults_to_the_models_then_the_requests(wan_unipc_dir):
+    plain = SREngine.load(resolve_model_spec(wan_unipc_dir), roles=())
+    assert plain.resolve(request("none")).guidance_scale_2 == 5.0
+    tuned = SREngine.load(resolve_model_spec(wan_unipc_dir, default_guidance_scale_2=3.0), roles=())
+    assert tuned.resolve(request("none")).guidance_scale_2 == 3.0
+    assert tuned.resolve(request("none", guidance_scale_2=1.5)).guidance_scale_2 == 1.5
 
 
 def test_step_k_equals_the_same_split_by_boundary(engine, wan_unipc_dir):

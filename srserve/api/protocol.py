@@ -82,6 +82,8 @@ class VideoCreateBody(BaseModel):
     seed: int | None = Field(None, description="random seed; the same seed gives the same video")
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = Field(None, description="the render (small) model's guidance; default: the "
+                                                             "model's, else guidance_scale")
     switch: str | None = Field(None, description="none | small-only | step:K | ratio:R | adaptive[:THR]")
     num_frames: int | None = Field(None, description="overrides seconds")
     fps: int | None = Field(None, description="output frame rate (default: the model's)")
@@ -165,8 +167,9 @@ def resolve_create(body: VideoCreateBody, model: ModelInfo, limits: RequestLimit
     if not 1 <= steps <= limits.max_steps:
         raise invalid("num_inference_steps", f"must be between 1 and {limits.max_steps}, got {steps}")
     guidance = _DEFAULT_GUIDANCE if body.guidance_scale is None else body.guidance_scale
-    if not (math.isfinite(guidance) and 0.0 <= guidance <= limits.max_guidance_scale):
-        raise invalid("guidance_scale", f"must be between 0 and {limits.max_guidance_scale:g}, got {guidance}")
+    for name, value in (("guidance_scale", guidance), ("guidance_scale_2", body.guidance_scale_2)):
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= limits.max_guidance_scale):
+            raise invalid(name, f"must be between 0 and {limits.max_guidance_scale:g}, got {value}")
     seed = _DEFAULT_SEED if body.seed is None else body.seed
     if not 0 <= seed < 2**63:
         raise invalid("seed", f"must be between 0 and 2**63-1, got {seed}")
@@ -178,7 +181,7 @@ def resolve_create(body: VideoCreateBody, model: ModelInfo, limits: RequestLimit
             raise invalid("switch", str(err)) from None
     generation = GenerationRequest(prompt=body.prompt, negative_prompt=negative, num_inference_steps=steps,
                                    num_frames=num_frames, height=height, width=width, seed=seed,
-                                   guidance_scale=guidance, switch=switch)
+                                   guidance_scale=guidance, guidance_scale_2=body.guidance_scale_2, switch=switch)
     return ResolvedRequest(generation=generation, model=model.name, fps=fps, seconds=seconds,
                            size=f"{width}x{height}")
 

@@ -60,6 +60,8 @@ class SREngine:
             "height": request.height or d.height,
             "width": request.width or d.width,
             "switch": request.switch or self.spec.default_switch,
+            "guidance_scale_2": next(g for g in (request.guidance_scale_2, self.spec.default_guidance_scale_2,
+                                                 request.guidance_scale) if g is not None),
         })
         parse_policy(resolved.switch)
         check_shape(resolved, self.family)
@@ -68,8 +70,9 @@ class SREngine:
     # --- stages -------------------------------------------------------------------------------------------
     def encode(self, request: GenerationRequest) -> PromptEmbeddings:
         request = self.resolve(request)
+        # negative embeddings are needed if either stage guides
         return self.family.encode(request.prompt, request.negative_prompt, request.max_sequence_length,
-                                  request.guidance_scale)
+                                  max(request.guidance_scale, request.guidance_scale_2))
 
     def prepare(self, request: GenerationRequest, embeddings: PromptEmbeddings) -> HandoffState:
         """Step-0 state: seeded noise drawn as diffusers does, the scheduler set to N steps."""
@@ -237,12 +240,14 @@ class DenoiseBatch:
     def _step_group(self, group: list[tuple[str, _Active]]) -> None:
         inputs = []
         for _, item in group:
-            i = item.step_index
+            i, request = item.step_index, item.state.request
             sigmas = getattr(item.scheduler, "sigmas", None)
             inputs.append(StepInput(
                 latents=item.latents, timestep=item.scheduler.timesteps[i], step_index=i,
                 num_steps=item.state.num_steps, sigma=float(sigmas[i]) if sigmas is not None else None,
-                embeddings=item.state.embeddings, guidance_scale=item.state.request.guidance_scale,
+                embeddings=item.state.embeddings,
+                guidance_scale=request.guidance_scale_2 if self.role == "render" and request.guidance_scale_2
+                is not None else request.guidance_scale,
             ))
         outputs = self.family.predict(self.role, inputs)
         for (_, item), step, output in zip(group, inputs, outputs):

@@ -56,8 +56,16 @@ _DIT_COMMON = dict(
     eps=1e-6,
     rope_max_seq_len=64,
 )
-SKETCH = dict(_DIT_COMMON, num_attention_heads=7, attention_head_dim=32, ffn_dim=896, num_layers=6)
-RENDER = dict(_DIT_COMMON, num_attention_heads=3, attention_head_dim=32, ffn_dim=384, num_layers=3)
+
+
+def dit_config(layers: int, heads: int) -> dict:
+    """A srd-tiny DiT: `heads` x 32 wide, ffn 4x the width."""
+    return dict(_DIT_COMMON, num_attention_heads=heads, attention_head_dim=32, ffn_dim=4 * 32 * heads,
+                num_layers=layers)
+
+
+SKETCH = dit_config(layers=6, heads=7)
+RENDER = dit_config(layers=2, heads=4)
 
 SCHEDULER = dict(
     num_train_timesteps=1000,

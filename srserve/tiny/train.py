@@ -68,12 +68,13 @@ def prompt_table(tokenizer, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lens
 
 
-def sample_sigmas(kind: str, n: int, gen: torch.Generator, render_max_sigma: float = 1.0) -> torch.Tensor:
+def sample_sigmas(kind: str, n: int, gen: torch.Generator, render_max_sigma: float = 1.0,
+                  render_power: float = 1.0) -> torch.Tensor:
     u = torch.rand(n, generator=gen)
     if kind == "sketch":  # the density the sampler visits with flow_shift
         return (M.FLOW_SHIFT * u / (1 + (M.FLOW_SHIFT - 1) * u)).clamp(1e-3, 1.0)
-    # render: only the low-noise range it is handed in SR, with emphasis on its low end
-    return (render_max_sigma * u ** 1.5).clamp(1e-3, 1.0)
+    # render: only the low-noise range it is handed in SR; a power > 1 weights its low end more
+    return (render_max_sigma * u ** render_power).clamp(1e-3, 1.0)
 
 
 def train_dit(kind: str, cfg: dict, latents, prompt_ids, table, lens, args, steps, minutes, lr, batch, stop):
@@ -93,7 +94,7 @@ def train_dit(kind: str, cfg: dict, latents, prompt_ids, table, lens, args, step
         x0 = latents[idx]
         pid = prompt_ids[idx].clone()
         pid[torch.rand(batch, generator=gen) < args.cfg_dropout] = empty
-        s = sample_sigmas(kind, batch, gen, args.render_max_sigma)
+        s = sample_sigmas(kind, batch, gen, args.render_max_sigma, args.render_sigma_power)
         eps = torch.randn(x0.shape, generator=gen)
         sv = s.view(-1, 1, 1, 1, 1)
         xt = (1 - sv) * x0 + sv * eps
@@ -168,7 +169,7 @@ def load_or_train_dit(kind: str, norm, prompt_ids, table, lens, args, resume: bo
         return WanTransformer3DModel.from_pretrained(ckpt).eval(), json.loads(
             (args.work / f"{kind}_stats.json").read_text())
     a = vars(args)
-    cfg = M.SKETCH if kind == "sketch" else M.RENDER
+    cfg = M.SKETCH if kind == "sketch" else M.dit_config(args.render_layers, args.render_heads)
     model, stats = train_dit(kind, cfg, norm, prompt_ids, table, lens, args, a[f"{kind}_steps"],
                              a[f"{kind}_minutes"], a[f"{kind}_lr"], a[f"{kind}_batch"], a[f"{kind}_stop"])
     model.save_pretrained(ckpt)
@@ -217,13 +218,17 @@ def parse_args(argv):
     p.add_argument("--sketch-minutes", type=float, default=62.0)
     p.add_argument("--sketch-lr", type=float, default=5e-4)
     p.add_argument("--sketch-batch", type=int, default=32)
-    p.add_argument("--render-steps", type=int, default=6000)
+    p.add_argument("--render-steps", type=int, default=14000)
     p.add_argument("--render-stop", type=int, default=None, help="stop after this many steps (default: --render-steps)")
-    p.add_argument("--render-minutes", type=float, default=26.0)
+    p.add_argument("--render-minutes", type=float, default=45.0)
     p.add_argument("--render-lr", type=float, default=1e-3)
     p.add_argument("--render-batch", type=int, default=32)
+    p.add_argument("--render-layers", type=int, default=M.RENDER["num_layers"])
+    p.add_argument("--render-heads", type=int, default=M.RENDER["num_attention_heads"], help="x 32 = its width")
     p.add_argument("--render-max-sigma", type=float, default=0.9,
                    help="the render DiT trains on noise levels s <= this (the bundle hands over at s <= 0.89)")
+    p.add_argument("--render-sigma-power", type=float, default=1.5,
+                   help="render noise levels are --render-max-sigma * u**power, u uniform: > 1 favours low noise")
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--boundary-ratio", type=float, default=None,
