@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark and the report, in one command (964 s on the 2-core CPU machine with the previous, smaller
-# srd-tiny; longer with the current one, not yet timed):
+# Every benchmark and the report, in one command (916 s on the 2-core CPU machine with the current srd-tiny
+# and SERVING_ARGS="--repeats 1"; the serving step takes ~7 min per repeat):
 #
 #   benchmarks/run_all.sh
 #

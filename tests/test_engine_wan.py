@@ -53,6 +53,10 @@ def test_render_guidance_equals_diffusers_guidance_scale_2(engine, wan_unipc_dir
     np.testing.assert_allclose(ours.frames, diffusers_frames(wan_unipc_dir, 0.9, guidance_scale_2=2.0), atol=1e-5,
                                rtol=0)
     assert not np.allclose(ours.frames, engine.generate(request("ratio:0.9")).frames)  # it reached the render
+    # at scale 1 the render skips its unconditional pass; the result is still diffusers'
+    unguided = engine.generate(request("ratio:0.9", guidance_scale_2=1.0))
+    np.testing.assert_allclose(unguided.frames, diffusers_frames(wan_unipc_dir, 0.9, guidance_scale_2=1.0),
+                               atol=1e-5, rtol=0)
 
 
 def test_render_guidance_defaults_to_the_models_then_the_requests(wan_unipc_dir):

@@ -107,7 +107,9 @@ class WanFamily:
         with model.cache_context("cond", **context):
             cond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond_embeds,
                          return_dict=False)[0]
-        if first.embeddings.negative_prompt_embeds is None:
+        # at scale 1 the guided output is the conditional one: skip the unconditional pass (a render stage run
+        # with guidance_scale_2=1 costs half)
+        if first.embeddings.negative_prompt_embeds is None or all(s.guidance_scale == 1.0 for s in batch):
             return list(cond.split(1))
         uncond_embeds = stack([s.embeddings.negative_prompt_embeds for s in batch]).to(self.device, dtype)
         with model.cache_context("uncond", **context):
