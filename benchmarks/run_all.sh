@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark and the report, in one command (916 s on the 2-core CPU machine with the current srd-tiny
-# and SERVING_ARGS="--repeats 1"; the serving step takes ~7 min per repeat):
+# Every benchmark and the report, in one command (~28 min on the 2-core CPU machine with the current srd-tiny:
+# single request 26 s, quality 457 s, serving 1181 s at its default 3 repeats; SERVING_ARGS="--repeats 1": ~7 min):
 #
 #   benchmarks/run_all.sh
 #
