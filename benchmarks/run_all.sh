@@ -45,6 +45,6 @@ step single_request "$PY" benchmarks/sr_speedup.py "${MODEL_ARGS[@]}" --repeats 
 # One torch thread, like every serving worker and the single-request benchmark (and robust to a busy machine).
 step quality "$PY" -m srserve.cli tiny quality "${MODEL_ARGS[@]}" --videos "${QUALITY_VIDEOS:-64}" --threads 1 \
     --out-json "$OUT/quality.json"
-step serving "$PY" benchmarks/serving_compare.py "${MODEL_ARGS[@]}" "${SERVING_EXTRA[@]}" --out "$OUT/serving.json"
+step serving "$PY" benchmarks/serving_compare.py "${MODEL_ARGS[@]}" --time-budget 1800 "${SERVING_EXTRA[@]}" --out "$OUT/serving.json"
 step report "$PY" benchmarks/report.py --results "$OUT"
 echo "done in $SECONDS s: $OUT/REPORT.md"
