@@ -246,8 +246,7 @@ class DenoiseBatch:
                 latents=item.latents, timestep=item.scheduler.timesteps[i], step_index=i,
                 num_steps=item.state.num_steps, sigma=float(sigmas[i]) if sigmas is not None else None,
                 embeddings=item.state.embeddings,
-                guidance_scale=request.guidance_scale_2 if self.role == "render" and request.guidance_scale_2
-                is not None else request.guidance_scale,
+                guidance_scale=request.guidance_scale_2 if self.role == "render" else request.guidance_scale,
             ))
         outputs = self.family.predict(self.role, inputs)
         for (_, item), step, output in zip(group, inputs, outputs):

@@ -111,8 +111,8 @@ class Encode(_Stage):
 
     def _encode(self, request: GenerationRequest) -> Any:
         resolved = self.engine.resolve(request)
-        key = (resolved.prompt, resolved.negative_prompt, resolved.max_sequence_length,
-               max(resolved.guidance_scale, resolved.guidance_scale_2) > 1.0)  # what encode depends on
+        key = (resolved.prompt, resolved.negative_prompt, resolved.max_sequence_length, resolved.guidance_scale,
+               resolved.guidance_scale_2)
         embeddings = self._cache.get(key)
         if embeddings is None:
             with self.compute:
