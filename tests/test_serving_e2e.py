@@ -107,8 +107,8 @@ def served(tmp_path_factory):
     args = {
         "job_store_path": str(tmp / "jobs.sqlite"), "artifacts_url": str(tmp / "artifacts"),
         "save_frames_npy": True,
-        "sketch": {"max_batch_size": 2, "graceful_shutdown_timeout_s": 10},
-        "render": {"max_batch_size": 2, "graceful_shutdown_timeout_s": 10},
+        "sketch": {"max_batch_size": 2, "graceful_shutdown_timeout_s": 10, "progress_interval_s": 0.2},
+        "render": {"max_batch_size": 2, "graceful_shutdown_timeout_s": 10, "progress_interval_s": 0.2},
         "encode": {"graceful_shutdown_timeout_s": 10}, "decode": {"graceful_shutdown_timeout_s": 10},
         "limits": {"max_steps": 400, "max_width": 64, "max_height": 64, "max_frames": 33, "max_prompt_chars": 200},
         "max_pending_jobs": 5, "retry_after_s": 3, "max_retries": 2,
@@ -127,8 +127,9 @@ def served(tmp_path_factory):
 def engine():
     from srserve.pipeline.engine import SREngine
     from srserve.pipeline.spec import resolve_model_spec
+    from srserve.tiny import default_model_path
 
-    return SREngine.load(resolve_model_spec(None))
+    return SREngine.load(resolve_model_spec(default_model_path()))
 
 
 def in_process(engine, job: dict) -> np.ndarray:
@@ -174,6 +175,22 @@ def test_served_result_equals_in_process_engine_bit_for_bit(served, engine):
         assert handoff["bytes"] > 1000 and handoff["serialize_s"] > 0 and handoff["deserialize_s"] > 0
         assert 0 <= handoff["transit_s"] < job["completed_at"] - job["created_at"]
     assert job["stages"]["encode"]["handoff"] is None  # the ingress sends no state
+    # Each hop carries what its receiver reads: the embeddings come by reference to both denoising stages
+    # (put into the object store once, by Encode), Decode gets the latents and the family's state only.
+    hops = {stage: job["stages"][stage]["handoff"] for stage in ("sketch", "render", "decode")}
+    assert hops["sketch"]["embeddings_bytes"] == hops["render"]["embeddings_bytes"] > 0
+    assert "embeddings_bytes" not in hops["decode"]
+    assert hops["decode"]["bytes"] < hops["render"]["bytes"] < hops["render"]["embeddings_bytes"]
+
+
+def test_a_stage_with_no_steps_is_skipped(served, engine):
+    large = served.finished(served.create(seed=14, num_inference_steps=6, switch="none"))
+    small = served.finished(served.create(seed=15, num_inference_steps=6, switch="small-only"))
+    assert set(large["stages"]) == {"encode", "sketch", "decode"} and large["switch_step"] == 6
+    assert set(small["stages"]) == {"encode", "render", "decode"} and small["switch_step"] == 0
+    for job in (large, small):
+        assert job["status"] == "completed" and job["progress"] == 100
+        assert np.array_equal(served.frames(job["id"]), in_process(engine, job))
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +255,7 @@ def test_delete_cancels_at_a_step_boundary_and_frees_the_replica(served):
     long = served.create(seed=5, num_inference_steps=400, switch="none")
     wait_for(lambda: (j := served.job(long))["stage"] == "sketch" and j["step"] >= 2, what="sketching")
     step_before = served.job(long)["step"]
+    deleted_at = time.time()
     deleted = served.client.videos.delete(long)
     assert deleted.deleted and deleted.id == long and deleted.object == "video.deleted"
     with pytest.raises(openai.NotFoundError):
@@ -246,6 +264,8 @@ def test_delete_cancels_at_a_step_boundary_and_frees_the_replica(served):
     assert record["stages"]["sketch"]["end"] is None and record["error"]["code"] == "cancelled"
     stopped_at = int(re.search(r"at step (\d+)", record["error"]["message"]).group(1))
     assert step_before <= stopped_at < 400, record["error"]  # at a step boundary, long before the end
+    # within one progress interval (0.2 s here) and a step, plus the store and driver round trips
+    assert record["completed_at"] - deleted_at < 2.0, record["completed_at"] - deleted_at
     wait_for(lambda: handle("Sketch").load.remote().result() == 0, 30, what="the sketch replica to be free")
     quick = served.finished(served.create(seed=6, num_inference_steps=4))
     assert quick["status"] == "completed"

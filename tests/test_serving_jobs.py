@@ -197,22 +197,25 @@ def test_colocated_large_only_runs_in_process_without_the_render_model(tmp_path)
     from srserve.pipeline.spec import resolve_model_spec
     from srserve.serving.colocated import Colocated
     from srserve.serving.messages import StageMessage
+    from srserve.tiny import default_model_path
 
     store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
     new_job(store, "v1")
     store.begin_attempt("v1", "ingress-a", 30.0)
-    replica = Colocated(None, FakeStoreHandle(store), {"force_switch": "none", "torch_threads": 1},
+    replica = Colocated(default_model_path(), FakeStoreHandle(store), {"force_switch": "none", "torch_threads": 1},
                         str(tmp_path / "artifacts"))
     assert replica.render is None and "render" not in replica.sketch.engine.family.transformers
     request = GenerationRequest(prompt="a red circle moving right", seed=2, num_inference_steps=6,
                                 num_frames=9, height=32, width=32, switch="adaptive")
     info = asyncio.run(replica(StageMessage("v1", 1, request, 8, True)))
     assert info["switch_step"] == 6 and set(info["artifacts"]) >= {"video.mp4", "frames.npy"}
+    assert store.complete("v1", 1, info) == "completed"  # as the driver does: the stage events ride with info
     job = store.get("v1")
     assert set(job["stages"]) == {"encode", "sketch", "decode"} and job["step"] == 6
     assert all(s["end"] is not None and s["handoff"] is None for s in job["stages"].values())
     frames = np.load(info["artifacts"]["frames.npy"])
-    expected = SREngine.load(resolve_model_spec(None)).generate(request.model_copy(update={"switch": "none"}))
+    engine = SREngine.load(resolve_model_spec(default_model_path()))
+    expected = engine.generate(request.model_copy(update={"switch": "none"}))
     assert np.array_equal(frames, expected.frames)
 
 
@@ -283,8 +286,11 @@ class StallOnceStages:
                 return FakeResponse(run)
         return Stage()
 
+    def __iter__(self):
+        return iter(("encode", "sketch", "render", "decode"))
+
     def values(self):
-        return [self[name] for name in ("encode", "sketch", "render", "decode")]
+        return [self[name] for name in self]
 
 
 def test_a_silent_stage_is_retried_and_the_job_finishes(tmp_path):

@@ -16,7 +16,8 @@ from typing import Any
 from srserve.config import ModelSpec
 from srserve.pipeline.switch import parse_policy
 from srserve.serving.args import ColocatedOptions, StageOptions
-from srserve.serving.messages import StageMessage, handoff_loads
+from srserve.serving.messages import HandoffProbe, StageMessage
+from srserve.serving.reporter import Reporter
 from srserve.serving.stages import Decode, Encode, Render, Sketch
 
 
@@ -40,18 +41,19 @@ class FairLock:
             self._cond.notify_all()
 
 
-class Colocated:
+class Colocated(HandoffProbe):
     def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any],
                  artifacts_url: str) -> None:
         self.options = ColocatedOptions.model_validate(options)
         common = self.options.model_dump(include=set(StageOptions.model_fields))
-        compute = FairLock()
+        compute, reporter = FairLock(), Reporter(store, self.options.progress_interval_s)
         self.encode = Encode(model, store, {**common, "prompt_cache_size": self.options.prompt_cache_size},
-                             compute)
-        self.sketch = Sketch(model, store, common, compute)
+                             compute, reporter)
+        self.sketch = Sketch(model, store, common, compute, reporter)
         force = self.options.force_switch
-        self.render = None if force and parse_policy(force).kind == "none" else Render(model, store, common, compute)
-        self.decode = Decode(model, store, common, artifacts_url, compute)
+        self.render = None if force and parse_policy(force).kind == "none" else \
+            Render(model, store, common, compute, reporter)
+        self.decode = Decode(model, store, common, artifacts_url, compute, reporter)
 
     async def __call__(self, msg: StageMessage) -> dict[str, Any]:
         if self.options.force_switch:
@@ -67,6 +69,3 @@ class Colocated:
     def load(self) -> int:
         """Requests denoising or waiting to, in this replica."""
         return self.sketch.load() + (self.render.load() if self.render is not None else 0)
-
-    def handoff_loads(self) -> int:
-        return handoff_loads()

@@ -16,6 +16,7 @@ from typing import Any
 from ray.serve.exceptions import BackPressureError
 
 from srserve.config import GenerationRequest
+from srserve.pipeline.switch import parse_policy
 from srserve.serving.args import WatchdogOptions
 from srserve.serving.calls import StageStalled, call, describe, is_replica_loss
 from srserve.serving.messages import JobCancelled, StageMessage
@@ -43,6 +44,21 @@ async def cancel_all(responses: list[Any]) -> None:
     await asyncio.to_thread(cancel)
 
 
+def stages_with_work(stages: list[str], request: GenerationRequest) -> list[str]:
+    """The stages a request goes through: a denoising stage that the switch policy leaves no steps is skipped
+    (`none` runs no render steps, `small-only` no sketch steps), as colocated mode does in-process."""
+    policy = parse_policy(request.switch or "adaptive")
+    steps = request.num_inference_steps
+    sketch_steps = {"none": steps, "small-only": 0, "step": policy.value}.get(policy.kind)
+    skip = set()
+    if sketch_steps is not None and steps is not None:
+        if sketch_steps <= 0:
+            skip.add("sketch")
+        elif sketch_steps >= steps:
+            skip.add("render")
+    return [name for name in stages if name not in skip]
+
+
 class JobDriver:
     def __init__(self, store: Any, stages: dict[str, Any], owner: str, watchdog: WatchdogOptions,
                  max_retries: int, retry_after_s: float, on_cancelled: Any = None) -> None:
@@ -51,6 +67,9 @@ class JobDriver:
         self.on_cancelled = on_cancelled  # async callable(job_id): clean up a cancelled job's artifacts
         self._tasks: dict[str, asyncio.Task] = {}
         self._aborts: dict[str, asyncio.Future] = {}
+        # The record of each job driven here as of the last watchdog round (at most `interval_s` old): status
+        # polls for these jobs are answered without a store call.
+        self._views: dict[str, dict[str, Any]] = {}
         self._loop_task: asyncio.Task | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------
@@ -62,10 +81,21 @@ class JobDriver:
             if task is not None:
                 task.cancel()
 
-    def drive(self, job_id: str) -> None:
+    def drive(self, job_id: str, record: dict[str, Any] | None = None) -> None:
         """Run the job to its end in the background (no-op when already driven here)."""
         if job_id not in self._tasks:
+            if record is not None:
+                self._views[job_id] = record
             self._tasks[job_id] = asyncio.get_running_loop().create_task(self._drive(job_id))
+
+    def view(self, job_id: str) -> dict[str, Any] | None:
+        """The job's record as of the last watchdog round, when this driver runs it (None: ask the store)."""
+        job = self._views.get(job_id)
+        return None if job is None or job["deleted"] else job
+
+    def forget(self, job_id: str) -> None:
+        """Stop answering for the job (it was deleted): the store is the truth for it from now on."""
+        self._views.pop(job_id, None)
 
     @property
     def active(self) -> list[str]:
@@ -83,12 +113,14 @@ class JobDriver:
         finally:
             self._tasks.pop(job_id, None)
             self._aborts.pop(job_id, None)
+            self._views.pop(job_id, None)
 
     async def _attempt(self, job_id: str) -> bool:
         """Run one attempt; True to run another."""
         job = await call(self.store, "begin_attempt", job_id, self.owner, self.watchdog.lease_s)
         if job is None:
             return False
+        self._views[job_id] = job
         attempt, request = job["attempt"], job["request"]
         msg = StageMessage(job_id, attempt, GenerationRequest.model_validate(request["generation"]),
                            request["fps"], request.get("save_frames", False))
@@ -127,8 +159,8 @@ class JobDriver:
     def _submit(self, msg: StageMessage) -> list[Any]:
         """Chain the stages by handle: each gets the previous one's response, i.e. an object reference."""
         responses, previous = [], msg
-        for handle in self.stages.values():
-            previous = handle.remote(previous)
+        for name in stages_with_work(list(self.stages), msg.request):
+            previous = self.stages[name].remote(previous)
             responses.append(previous)
         return responses
 
@@ -162,16 +194,17 @@ class JobDriver:
 
     async def _watch_once(self) -> None:
         w = self.watchdog
-        records = await call(self.store, "renew", self.owner, self.active, w.lease_s, retry_s=w.interval_s)
+        seen = await call(self.store, "watch", self.owner, self.active, w.lease_s, self.max_retries,
+                          retry_s=w.interval_s)
         now = time.time()
-        for job_id, job in records.items():
+        for job_id, job in seen["jobs"].items():
+            if job_id in self._views:
+                self._views[job_id].update(job)
             problem = self._problem(job, now)
             abort = self._aborts.get(job_id)
             if problem is not None and abort is not None and not abort.done():
                 abort.set_exception(problem)
-        claimed = await call(self.store, "claim_orphans", self.owner, w.lease_s, self.max_retries, self.active,
-                             retry_s=w.interval_s)
-        for job_id in claimed:
+        for job_id in seen["claimed"]:
             logger.info("resuming job %s (its driver's lease lapsed)", job_id)
             self.drive(job_id)
 
@@ -180,15 +213,13 @@ class JobDriver:
         if job["owner"] != self.owner:
             return Superseded(f"job taken over by driver {job['owner']}")
         if job["cancel_requested"]:
-            stage = job["stages"].get(job["stage"] or "", {})
-            since = stage.get("start") if job["stage"] else None
+            since = job["stage_started_at"] if job["stage"] else None
             # A running stage stops itself at the next step; a job waiting in a queue is cut loose now.
             if since is None or now - (job["heartbeat_at"] or since) > w.cancel_grace_s:
                 return JobCancelled("cancelled while waiting")
         if now - job["created_at"] > w.job_timeout_s:
             return JobTimedOut(f"job ran longer than {w.job_timeout_s:g}s")
         if job["stage"] and job["heartbeat_at"] and now - job["heartbeat_at"] > w.stage_timeout_s:
-            replica = job["stages"].get(job["stage"], {}).get("replica")
-            return StageStalled(f"stage {job['stage']} on replica {replica} sent no heartbeat for "
+            return StageStalled(f"stage {job['stage']} on replica {job['stage_replica']} sent no heartbeat for "
                                 f"{w.stage_timeout_s:g}s")
         return None

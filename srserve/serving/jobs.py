@@ -1,23 +1,27 @@
 """Durable job records in SQLite: the single source of truth for every accepted video job.
 
 `SQLiteJobStore` is a plain class (unit-tested without Ray) that `build_app` deploys as a single-replica
-deployment. Every mutation is one short locked read-modify-write, so it is safe however Serve schedules calls.
-Updates carry the attempt number they belong to: a stage or driver of a superseded attempt is told to stop
-(fencing), so a retried job never takes results from a zombie.
+deployment. The record is JSON, written per stage transition (O(stages) per job); the fields that change more
+often than that (progress heartbeats, lease renewals, what the watchdog reads) live in their own columns, so
+those calls are one small UPDATE, not a load-validate-dump-rewrite of the record. Updates carry the attempt
+number they belong to: a stage or driver of a superseded attempt is told to stop (fencing), so a retried job
+never takes results from a zombie.
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL = ("completed", "failed", "cancelled")
-STAGES = ("encode", "sketch", "render", "decode")
+ACTIVE_SQL = "status IN ('queued', 'in_progress')"
+T = TypeVar("T")
 
 
 class StageRecord(BaseModel):
@@ -37,6 +41,8 @@ class JobRecord(BaseModel):
     request: dict[str, Any]  # srserve.api.protocol.ResolvedRequest, dumped
     progress: int = 0
     stage: str | None = None  # the stage running now (None between stages)
+    stage_started_at: float | None = None
+    stage_replica: str | None = None
     step: int = 0
     num_steps: int = 0
     attempt: int = 0  # pipeline submissions so far
@@ -58,6 +64,28 @@ class JobRecord(BaseModel):
         return self.status in TERMINAL
 
 
+# Record fields kept in their own columns (the column is the truth; the JSON copy may be older).
+COLUMNS = {"status": "TEXT NOT NULL", "deleted": "INTEGER NOT NULL DEFAULT 0",
+           "lease_until": "REAL NOT NULL DEFAULT 0", "owner": "TEXT", "attempt": "INTEGER NOT NULL DEFAULT 0",
+           "stage": "TEXT", "stage_started_at": "REAL", "stage_replica": "TEXT", "heartbeat_at": "REAL",
+           "step": "INTEGER NOT NULL DEFAULT 0", "num_steps": "INTEGER NOT NULL DEFAULT 0",
+           "progress": "INTEGER NOT NULL DEFAULT 0", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+           "created_at": "REAL NOT NULL DEFAULT 0"}
+_NAMES = tuple(COLUMNS)
+_SELECT = "SELECT data, " + ", ".join(_NAMES) + " FROM jobs"
+_BOOLS = ("deleted", "cancel_requested")
+# What a driver's watchdog reads of each job it drives, every round.
+WATCHED = ("id", "status", "stage", "stage_started_at", "stage_replica", "heartbeat_at", "created_at", "owner",
+           "cancel_requested", "deleted", "attempt", "progress")
+
+
+class Keep:
+    """An edit's result that leaves the record unchanged (nothing is written)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 def stage_progress(stage: str, step: int, num_steps: int, done: bool) -> int:
     """encode 0-5, denoising 5-95 in proportion to steps, decode 95-100 (100 only once completed)."""
     if stage == "encode":
@@ -65,6 +93,14 @@ def stage_progress(stage: str, step: int, num_steps: int, done: bool) -> int:
     if stage == "decode":
         return 95
     return 5 + (90 * step) // max(num_steps, 1)
+
+
+def _row(row: tuple) -> dict[str, Any]:
+    data = json.loads(row[0])
+    data.update(zip(_NAMES, row[1:]))
+    for name in _BOOLS:
+        data[name] = bool(data[name])
+    return data
 
 
 class SQLiteJobStore:
@@ -75,26 +111,53 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                         "id TEXT UNIQUE NOT NULL, status TEXT NOT NULL, deleted INTEGER NOT NULL, "
-                         "lease_until REAL NOT NULL, data TEXT NOT NULL)")
+                         "id TEXT UNIQUE NOT NULL, data TEXT NOT NULL, "
+                         + ", ".join(f"{n} {t}" for n, t in COLUMNS.items()) + ")")
+        self._migrate()
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status, lease_until)")
+
+    def _migrate(self) -> None:
+        """Stores written before the hot fields had columns: add them, filled from each record's JSON."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        missing = [n for n in _NAMES if n not in have]
+        if not missing:
+            return
+        for name in missing:
+            kind = COLUMNS[name].replace("NOT NULL ", "")
+            self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        for job_id, data in self._db.execute("SELECT id, data FROM jobs").fetchall():
+            record = json.loads(data)
+            values = [int(bool(record.get(n))) if n in _BOOLS else record.get(n, 0 if n in ("attempt", "step",
+                      "num_steps", "progress", "created_at", "lease_until") else None) for n in missing]
+            self._db.execute(f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in missing)} WHERE id = ?",
+                             (*values, job_id))
 
     # --- plumbing -----------------------------------------------------------------------------------------
     def _load(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return JobRecord.model_validate_json(row[0]) if row else None
+        row = self._db.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord.model_validate(_row(row)) if row else None
 
     def _save(self, job: JobRecord) -> None:
         job.updated_at = time.time()
-        self._db.execute("UPDATE jobs SET status = ?, deleted = ?, lease_until = ?, data = ? WHERE id = ?",
-                         (job.status, int(job.deleted), job.lease_until, job.model_dump_json(), job.id))
+        values = [int(getattr(job, n)) if n in _BOOLS else getattr(job, n) for n in _NAMES]
+        self._db.execute(f"UPDATE jobs SET data = ?, {', '.join(f'{n} = ?' for n in _NAMES)} WHERE id = ?",
+                         (job.model_dump_json(), *values, job.id))
 
-    def _live(self, job_id: str, attempt: int) -> JobRecord | None:
-        """The job if `attempt` is still its current, running attempt; None tells the caller to stop."""
-        job = self._load(job_id)
-        if job is None or job.terminal or job.cancel_requested or job.attempt != attempt:
-            return None
-        return job
+    def _edit(self, job_id: str, change: Callable[[JobRecord], T], attempt: int | None = None,
+              missing: Any = None) -> T:
+        """Locked load -> change -> save. With `attempt`, only while it is the job's current, running attempt
+        (else `missing`, which tells a stage to stop). `change` returns the result; `Keep(result)` skips the save.
+        """
+        with self._lock:
+            job = self._load(job_id)
+            if job is None or (attempt is not None and
+                               (job.terminal or job.cancel_requested or job.attempt != attempt)):
+                return missing
+            result = change(job)
+            if isinstance(result, Keep):
+                return result.value
+            self._save(job)
+            return result
 
     # --- reads --------------------------------------------------------------------------------------------
     def ping(self) -> bool:
@@ -102,8 +165,9 @@ class SQLiteJobStore:
 
     def get(self, job_id: str, include_deleted: bool = False) -> dict[str, Any] | None:
         with self._lock:
-            job = self._load(job_id)
-        return None if job is None or (job.deleted and not include_deleted) else job.model_dump()
+            row = self._db.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
+        job = _row(row) if row else None
+        return None if job is None or (job["deleted"] and not include_deleted) else job
 
     def list(self, after: str | None = None, limit: int = 20, order: str = "desc") -> tuple[list[dict], bool]:
         op, direction = ("<", "DESC") if order == "desc" else (">", "ASC")
@@ -113,94 +177,100 @@ class SQLiteJobStore:
                 row = self._db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
                 if row is not None:
                     where, params = f"deleted = 0 AND seq {op} ?", [row[0]]
-            rows = self._db.execute(f"SELECT data FROM jobs WHERE {where} ORDER BY seq {direction} LIMIT ?",
+            rows = self._db.execute(f"{_SELECT} WHERE {where} ORDER BY seq {direction} LIMIT ?",
                                     (*params, limit + 1)).fetchall()
-        jobs = [JobRecord.model_validate_json(r[0]).model_dump() for r in rows[:limit]]
-        return jobs, len(rows) > limit
-
-    def count_active(self) -> int:
-        with self._lock:
-            return self._count_active()
-
-    def _count_active(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'in_progress')").fetchone()[0]
+        return [_row(r) for r in rows[:limit]], len(rows) > limit
 
     # --- the driver's side --------------------------------------------------------------------------------
     def create(self, job: dict[str, Any], max_active: int | None = None) -> dict[str, Any] | None:
         """Insert a new job; None when `max_active` jobs are already queued or in progress (admission)."""
         record = JobRecord.model_validate(job)
         record.updated_at = time.time()
+        values = [int(getattr(record, n)) if n in _BOOLS else getattr(record, n) for n in _NAMES]
         with self._lock:
-            if max_active is not None and self._count_active() >= max_active:
+            if max_active is not None and \
+                    self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {ACTIVE_SQL}").fetchone()[0] >= max_active:
                 return None
-            self._db.execute("INSERT INTO jobs (id, status, deleted, lease_until, data) VALUES (?, ?, 0, ?, ?)",
-                             (record.id, record.status, record.lease_until, record.model_dump_json()))
+            self._db.execute(f"INSERT INTO jobs (id, data, {', '.join(_NAMES)}) VALUES (?, ?{', ?' * len(_NAMES)})",
+                             (record.id, record.model_dump_json(), *values))
         return record.model_dump()
 
     def begin_attempt(self, job_id: str, owner: str, lease_s: float) -> dict[str, Any] | None:
         """Start the next pipeline submission; None when the job must not run (finished, cancelled)."""
-        with self._lock:
-            job = self._load(job_id)
-            if job is None or job.terminal:
-                return None
+        def begin(job: JobRecord) -> Any:
+            if job.terminal:
+                return Keep(None)
             if job.cancel_requested:
                 job.status = "cancelled"
-                self._save(job)
                 return None
             job.attempt += 1
             job.owner, job.lease_until = owner, time.time() + lease_s
-            job.stage, job.heartbeat_at = None, None
-            self._save(job)
+            job.stage, job.stage_started_at, job.stage_replica, job.heartbeat_at = None, None, None, None
             return job.model_dump()
 
+        return self._edit(job_id, begin)
+
     def renew(self, owner: str, job_ids: list[str], lease_s: float) -> dict[str, dict[str, Any]]:
-        """Extend the leases of the jobs `owner` drives; returns what its watchdog needs of each."""
-        now, out = time.time(), {}
+        """Extend the leases of the jobs `owner` drives; returns what its watchdog reads of each (columns only)."""
+        if not job_ids:
+            return {}
+        marks = ", ".join("?" * len(job_ids))
         with self._lock:
-            for job_id in job_ids:
-                job = self._load(job_id)
-                if job is None:
-                    continue
-                if job.owner == owner and not job.terminal:
-                    job.lease_until = now + lease_s
-                    self._save(job)
-                out[job_id] = job.model_dump(include={"status", "stage", "heartbeat_at", "created_at", "owner",
-                                                      "cancel_requested", "attempt", "stages"})
+            self._db.execute(f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND {ACTIVE_SQL} AND id IN ({marks})",
+                             (time.time() + lease_s, owner, *job_ids))
+            rows = self._db.execute(f"SELECT {', '.join(WATCHED)} FROM jobs WHERE id IN ({marks})",
+                                    job_ids).fetchall()
+        out = {}
+        for row in rows:
+            job = dict(zip(WATCHED, row))
+            for name in _BOOLS:
+                job[name] = bool(job[name])
+            out[job["id"]] = job
         return out
+
+    def watch(self, owner: str, job_ids: list[str], lease_s: float, max_retries: int) -> dict[str, Any]:
+        """A driver's watchdog round in one call: `renew` its jobs, then `claim_orphans`."""
+        return {"jobs": self.renew(owner, job_ids, lease_s),
+                "claimed": self.claim_orphans(owner, lease_s, max_retries, job_ids)}
 
     def claim_orphans(self, owner: str, lease_s: float, max_retries: int,
                       exclude: list[str] = ()) -> list[str]:
         """Take over unfinished jobs whose driver's lease ran out (the ingress died or restarted)."""
-        now, claimed = time.time(), []
+        now = time.time()
         with self._lock:
-            rows = self._db.execute("SELECT id FROM jobs WHERE status IN ('queued', 'in_progress') "
-                                    "AND lease_until < ?", (now,)).fetchall()
-            for (job_id,) in rows:
-                job = self._load(job_id)
-                if job_id in exclude or job is None:
-                    continue
+            rows = self._db.execute(f"SELECT id FROM jobs WHERE {ACTIVE_SQL} AND lease_until < ?", (now,)).fetchall()
+        claimed = []
+        for (job_id,) in rows:
+            if job_id in exclude:
+                continue
+
+            def claim(job: JobRecord) -> Any:
+                if job.terminal or job.lease_until >= now:  # finished or claimed by another meanwhile
+                    return Keep(False)
                 if job.cancel_requested:
                     job.status = "cancelled"
                 elif job.status == "in_progress":
                     self._record_failure(job, f"attempt {job.attempt}: driver {job.owner} was lost", max_retries)
                 if not job.terminal:
                     job.owner, job.lease_until = owner, now + lease_s
-                    claimed.append(job_id)
-                self._save(job)
+                return not job.terminal
+
+            if self._edit(job_id, claim, missing=False):
+                claimed.append(job_id)
         return claimed
 
     def retry_or_fail(self, job_id: str, attempt: int, reason: str, max_retries: int) -> str:
         """After a retriable failure: 'retry' while retries remain, else 'failed'; 'stale' or 'cancelled'."""
-        with self._lock:
-            job = self._load(job_id)
-            if job is None or job.attempt != attempt or job.terminal:
-                return "stale"
+        def decide(job: JobRecord) -> Any:
+            if job.attempt != attempt or job.terminal:
+                return Keep("stale")
             if job.cancel_requested:
                 job.status = "cancelled"
             else:
                 self._record_failure(job, f"attempt {attempt}: {reason}", max_retries)
-            self._save(job)
             return "retry" if not job.terminal else job.status
+
+        return self._edit(job_id, decide, missing="stale")
 
     def _record_failure(self, job: JobRecord, reason: str, max_retries: int) -> None:
         job.failures += 1
@@ -213,93 +283,146 @@ class SQLiteJobStore:
                          "message": f"gave up after {job.failures} failed attempts; last: {reason}"}
 
     def fail(self, job_id: str, attempt: int, code: str, message: str) -> bool:
-        with self._lock:
-            job = self._load(job_id)
-            if job is None or job.attempt != attempt or job.terminal:
-                return False
+        def fail(job: JobRecord) -> Any:
+            if job.attempt != attempt or job.terminal:
+                return Keep(False)
             job.status, job.error, job.completed_at = "failed", {"code": code, "message": message}, time.time()
-            self._save(job)
+            job.stage = None
             return True
 
+        return self._edit(job_id, fail, missing=False)
+
     def complete(self, job_id: str, attempt: int, result: dict[str, Any]) -> str:
-        """'completed'; 'deleted' when the job was deleted meanwhile (cancelled now); 'stale' for an old attempt."""
-        with self._lock:
-            job = self._live(job_id, attempt)
-            if job is None:
-                current = self._load(job_id)
-                if current is not None and current.deleted and current.attempt == attempt and not current.terminal:
-                    current.status, current.stage, current.completed_at = "cancelled", None, time.time()
-                    self._save(current)
-                    return "deleted"
-                return "stale"
+        """'completed'; 'deleted' when the job was deleted meanwhile (cancelled now); 'stale' for an old attempt.
+
+        `result["reports"]`: stage events that rode with the job to Decode (applied first, so the record is whole).
+        """
+        def complete(job: JobRecord) -> Any:
+            if job.attempt != attempt or job.terminal:
+                return Keep("stale")
+            self._apply(job, attempt, result.get("reports") or ())
+            if job.cancel_requested:
+                if not job.deleted:
+                    return Keep("stale")
+                job.status, job.stage, job.completed_at = "cancelled", None, time.time()
+                return "deleted"
             job.status, job.progress, job.stage, job.completed_at = "completed", 100, None, time.time()
             job.artifacts = dict(result.get("artifacts", {}))
             if result.get("switch_step") is not None:
                 job.switch_step = int(result["switch_step"])
-            self._save(job)
             return "completed"
+
+        return self._edit(job_id, complete, missing="stale")
 
     def mark_cancelled(self, job_id: str, reason: str = "cancelled") -> bool:
         """Record a requested cancellation as done; False (no change) when none was requested."""
-        with self._lock:
-            job = self._load(job_id)
-            if job is None or not job.cancel_requested:
-                return False
-            if not job.terminal:
-                job.status, job.stage, job.completed_at = "cancelled", None, time.time()
-                job.error = {"code": "cancelled", "message": reason}
-                self._save(job)
-            return job.status == "cancelled"
+        def cancel(job: JobRecord) -> Any:
+            if not job.cancel_requested:
+                return Keep(False)
+            if job.terminal:
+                return Keep(job.status == "cancelled")
+            job.status, job.stage, job.completed_at = "cancelled", None, time.time()
+            job.error = {"code": "cancelled", "message": reason}
+            return True
+
+        return self._edit(job_id, cancel, missing=False)
 
     def delete(self, job_id: str) -> dict[str, Any] | None:
         """Hide the job and ask its stages to stop at the next step boundary; the record stays for audit."""
-        with self._lock:
-            job = self._load(job_id)
-            if job is None or job.deleted:
-                return None
+        def delete(job: JobRecord) -> Any:
+            if job.deleted:
+                return Keep(None)
             before = job.model_dump()
             job.deleted = True
             if not job.terminal:
                 job.cancel_requested = True
-            self._save(job)
             return before
 
+        return self._edit(job_id, delete)
+
     # --- the stages' side: each returns True when the caller must stop -----------------------------------
+    def report(self, events: list[dict[str, Any]]) -> list[str]:
+        """A stage replica's events since its last report, for all its jobs, in one call (O(replicas x time),
+        not O(steps)): `{"kind": "start"|"progress"|"end", "job", "attempt", "stage", "at", ...}`.
+        Returns the `job#attempt` keys whose stages must stop (deleted, superseded or already finished)."""
+        by_job: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for event in events:
+            by_job.setdefault((event["job"], event["attempt"]), []).append(event)
+        stop = []
+        for (job_id, attempt), job_events in by_job.items():
+            if all(e["kind"] == "progress" for e in job_events):
+                last = job_events[-1]
+                stopped = self.heartbeat(job_id, attempt, last["stage"], last["step"], last["num_steps"])
+            else:
+                stopped = self._edit(job_id, lambda job, evs=job_events, a=attempt: self._apply(job, a, evs),
+                                     missing=True)
+            if stopped:
+                stop.append(f"{job_id}#{attempt}")
+        return stop
+
+    def _apply(self, job: JobRecord, attempt: int, events: Any) -> Any:
+        """Stage events of `attempt` into the record, in any order and more than once (they arrive from several
+        replicas, and ends also ride with the job); True when that attempt's stages must stop."""
+        if job.attempt != attempt:
+            return Keep(True)
+        for event in events:
+            kind, stage, at = event["kind"], event["stage"], event["at"]
+            if kind == "start":
+                self._started(job, attempt, stage, event["replica"], at)
+            elif kind == "end":
+                self._finished(job, attempt, stage, event.get("info") or {}, at)
+            elif not job.terminal and job.stage == stage:
+                job.heartbeat_at, job.step, job.num_steps = time.time(), event["step"], event["num_steps"]
+                job.progress = max(job.progress, stage_progress(stage, job.step, job.num_steps, False))
+        return job.terminal or job.cancel_requested
+
+    @staticmethod
+    def _started(job: JobRecord, attempt: int, stage: str, replica: str, at: float) -> None:
+        record = job.stages.get(stage)
+        if record is None or record.attempt != attempt:
+            job.stages[stage] = StageRecord(start=at, replica=replica, attempt=attempt)
+        if job.terminal or (job.stage_started_at is not None and at < job.stage_started_at):
+            return  # a later stage has started already
+        job.status, job.stage, job.heartbeat_at = "in_progress", stage, time.time()
+        job.stage_started_at, job.stage_replica = at, replica
+        job.progress = max(job.progress, stage_progress(stage, 0, 1, False))
+
+    @staticmethod
+    def _finished(job: JobRecord, attempt: int, stage: str, info: dict[str, Any], at: float) -> None:
+        record = job.stages.get(stage)
+        if record is not None and record.attempt == attempt and record.end is None:
+            record.end = at
+            record.handoff = info.get("handoff")
+        if info.get("switch_step") is not None:
+            job.switch_step = int(info["switch_step"])
+        if info.get("num_steps"):
+            job.num_steps = int(info["num_steps"])
+        if job.terminal:
+            return
+        if job.stage == stage:
+            job.stage, job.stage_started_at, job.stage_replica, job.heartbeat_at = None, None, None, time.time()
+        job.step = int(info.get("step", job.step))  # progress reports are throttled: the last may be missing
+        job.progress = max(job.progress, stage_progress(stage, job.step, job.num_steps, True))
+
     def stage_started(self, job_id: str, attempt: int, stage: str, replica: str) -> bool:
-        now = time.time()
-        with self._lock:
-            job = self._live(job_id, attempt)
-            if job is None:
-                return True
-            job.status, job.stage, job.heartbeat_at = "in_progress", stage, now
-            job.stages[stage] = StageRecord(start=now, replica=replica, attempt=attempt)
-            job.progress = max(job.progress, stage_progress(stage, 0, 1, False))
-            self._save(job)
+        def start(job: JobRecord) -> bool:
+            self._started(job, attempt, stage, replica, time.time())
             return False
+
+        return self._edit(job_id, start, attempt, missing=True)
 
     def heartbeat(self, job_id: str, attempt: int, stage: str, step: int, num_steps: int) -> bool:
+        """Progress from a running stage: one UPDATE of the hot columns (no record rewrite)."""
         with self._lock:
-            job = self._live(job_id, attempt)
-            if job is None:
-                return True
-            job.heartbeat_at, job.step, job.num_steps = time.time(), step, num_steps
-            job.progress = max(job.progress, stage_progress(stage, step, num_steps, False))
-            self._save(job)
-            return False
+            cursor = self._db.execute(
+                f"UPDATE jobs SET heartbeat_at = ?, step = ?, num_steps = ?, progress = MAX(progress, ?) "
+                f"WHERE id = ? AND attempt = ? AND {ACTIVE_SQL} AND cancel_requested = 0",
+                (time.time(), step, num_steps, stage_progress(stage, step, num_steps, False), job_id, attempt))
+        return cursor.rowcount == 0
 
     def stage_finished(self, job_id: str, attempt: int, stage: str, info: dict[str, Any]) -> bool:
-        with self._lock:
-            job = self._live(job_id, attempt)
-            if job is None:
-                return True
-            record = job.stages.get(stage)
-            if record is not None and record.attempt == attempt:
-                record.end = time.time()
-                record.handoff = info.get("handoff")
-            job.stage, job.heartbeat_at = None, time.time()
-            if info.get("switch_step") is not None:
-                job.switch_step = int(info["switch_step"])
-            job.step = int(info.get("step", job.step))  # heartbeats are throttled: the last may be missing
-            job.progress = max(job.progress, stage_progress(stage, job.step, job.num_steps, True))
-            self._save(job)
+        def finish(job: JobRecord) -> bool:
+            self._finished(job, attempt, stage, info, time.time())
             return False
+
+        return self._edit(job_id, finish, attempt, missing=True)
