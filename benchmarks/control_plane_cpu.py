@@ -2,7 +2,11 @@
 
 The setting of issue 14: `deployments/local.yaml` (srd-tiny on CPU, one replica per stage), N default requests
 sent C at a time, each client polling its job once a second. CPU seconds are read from /proc (utime + stime) of
-every process before and after the load; the JobStore and Ingress replicas' share is divided by the requests.
+every process before and after the load; the JobStore and Ingress replicas' share is divided by the requests
+(*raw*). Every Ray Serve replica also burns CPU when idle (Ray's core worker, Serve's metrics and health loops:
+~10-20 ms per second per replica here), whatever srserve does; that floor is measured on the same server for
+`--idle-s` seconds before the load, and *marginal* = raw minus floor x load duration / requests, the CPU the
+requests themselves cost. Both are reported.
 
 With `--baseline REF`, the same load also runs against the code of git commit REF (checked out into a temporary
 worktree and put first on PYTHONPATH, so the server and its Ray workers import it), alternating current and
@@ -98,6 +102,9 @@ def run_once(code: Path, workdir: Path, opts: argparse.Namespace) -> dict[str, A
         wait_ready(url, proc)
         asyncio.run(load(url, 2, 2, opts.poll_s))  # warm up (first forward passes, caches)
         time.sleep(2.0)
+        idle_before, idle_began = cpu_snapshot(), time.monotonic()
+        time.sleep(opts.idle_s)
+        idle = cpu_cores(idle_before, cpu_snapshot(), time.monotonic() - idle_began, os.getpid())
         before, began = cpu_snapshot(), time.monotonic()
         results = asyncio.run(load(url, opts.requests, opts.concurrency, opts.poll_s))
         seconds = time.monotonic() - began
@@ -110,10 +117,15 @@ def run_once(code: Path, workdir: Path, opts: argparse.Namespace) -> dict[str, A
             os.killpg(proc.pid, 9)
     cores = cpu_cores(before, after, seconds, os.getpid())
     per_request_ms = {role: 1000 * c * seconds / opts.requests for role, c in cores.items()}
-    store, ingress = per_request_ms.get("replica JobStore", 0.0), per_request_ms.get("replica Ingress", 0.0)
-    return {"completed": sum(r["status"] == "completed" for r in results), "seconds": seconds,
-            "jobstore_ms": store, "ingress_ms": ingress, "control_plane_ms": store + ingress,
-            "per_request_ms": per_request_ms}
+    floor_ms = {role: 1000 * idle.get(role, 0.0) * seconds / opts.requests for role in per_request_ms}
+    out = {"completed": sum(r["status"] == "completed" for r in results), "seconds": seconds,
+           "per_request_ms": per_request_ms, "idle_ms_per_s": {r: 1000 * c for r, c in idle.items()}}
+    for key, role in (("jobstore", "replica JobStore"), ("ingress", "replica Ingress")):
+        out[f"{key}_ms"] = per_request_ms.get(role, 0.0)
+        out[f"{key}_marginal_ms"] = per_request_ms.get(role, 0.0) - floor_ms.get(role, 0.0)
+    out["control_plane_ms"] = out["jobstore_ms"] + out["ingress_ms"]
+    out["control_plane_marginal_ms"] = out["jobstore_marginal_ms"] + out["ingress_marginal_ms"]
+    return out
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--poll-s", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--idle-s", type=float, default=10.0, help="seconds of idle floor measured before the load")
     parser.add_argument("--baseline", default=None, help="git commit to measure alongside (e.g. 8b74458)")
     parser.add_argument("--out", default=None)
     opts = parser.parse_args(argv)
@@ -145,14 +158,16 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_once(code, workdir, opts)
                     runs[name].append(result)
                     print(f"{name} repeat {repeat}: JobStore {result['jobstore_ms']:.1f} ms + Ingress "
-                          f"{result['ingress_ms']:.1f} ms per request ({result['completed']}/{opts.requests} "
-                          f"completed in {result['seconds']:.1f} s)", flush=True)
+                          f"{result['ingress_ms']:.1f} ms per request raw, {result['control_plane_marginal_ms']:.1f} "
+                          f"ms marginal ({result['completed']}/{opts.requests} completed in "
+                          f"{result['seconds']:.1f} s)", flush=True)
         finally:
             if opts.baseline:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(codes["baseline"])],
                                capture_output=True)
-    summary = {name: {key: spread([r[key] for r in rs]) for key in ("jobstore_ms", "ingress_ms", "control_plane_ms")}
-               for name, rs in runs.items()}
+    keys = ("jobstore_ms", "ingress_ms", "control_plane_ms", "jobstore_marginal_ms", "ingress_marginal_ms",
+            "control_plane_marginal_ms")
+    summary = {name: {key: spread([r[key] for r in rs]) for key in keys} for name, rs in runs.items()}
     out = {"setting": vars(opts), "summary": summary, "runs": runs, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "cpus": os.cpu_count()}
     print(json.dumps(summary, indent=1))

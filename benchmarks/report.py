@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/report.py --results benchmarks/results
 
 Reads sr_speedup.json (single request), quality.json (the srd-tiny quality table), serving.json (the serving
-comparison) and, when present, run_all.json (the wall time of each step). Missing inputs leave their section out.
+comparison), control_plane_cpu.json, hop_bytes.json, cache_compare.json, before-lean/serving.json (the serving
+comparison before the lean path, for the figures beside) and, when present, run_all.json (the wall time of each step). Missing inputs leave their section out.
 The goals are stated with what was measured; nothing here changes a measurement.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_lean import before_after_section, cache_section, control_plane_section, hop_section  # noqa: E402
 from report_notes import serving_notes  # noqa: E402
 from report_plots import SETUP_LABELS, med, plot_quality, plot_serving, plot_single_request  # noqa: E402
 
@@ -204,13 +206,17 @@ def handoff_detail(s: dict) -> list[str]:
     if not u.get("render_transit_s") or not state:
         return []
     ms = {k: med(u.get(f"render_{k}")) * 1e3 for k in ("serialize_s", "transit_s", "deserialize_s")}
+    emb = f" + fetching the embeddings {med(u['render_embeddings_s']) * 1e3:.1f} ms" \
+        if u.get("render_embeddings_s") else ""
+    size = f"crosses as {state['wire'] / 1e3:.0f} kB (tensors out of band; the latents " \
+           f"{state['latents'] / 1e3:.0f} kB), and the prompt embeddings (positive and negative, padded to the full " \
+           f"text length, {state['prompt_embeddings'] / 1e3:.0f} kB) come by reference from the object store, put " \
+           f"there once by Encode" if "wire" in state else f"pickles to {state['pickled'] / 1e3:.0f} kB"
     return [f"The sketch->render handoff, unloaded (median): serialise {ms['serialize_s']:.1f} ms + transit "
-            f"{ms['transit_s']:.1f} ms + deserialise {ms['deserialize_s']:.1f} ms. The state pickles to "
-            f"{state['pickled'] / 1e3:.0f} kB, of which the prompt embeddings (positive and negative, padded to the "
-            f"full text length) are {state['prompt_embeddings'] / 1e3:.0f} kB and the latents "
-            f"{state['latents'] / 1e3:.0f} kB. The transit is mostly Serve's hop to the next replica (routing, "
-            "RPC, scheduling), not bytes: on this machine a 350 kB object adds about 0.2 ms to a Ray actor call "
-            "against a one-byte one (a one-off check outside this run).", ""]
+            f"{ms['transit_s']:.1f} ms + deserialise {ms['deserialize_s']:.1f} ms{emb}. The state {size}. The "
+            "transit is mostly Serve's hop to the next replica (routing, RPC, scheduling), not bytes: on this "
+            "machine a 350 kB object adds about 0.2 ms to a Ray actor call against a one-byte one (a one-off check "
+            "outside this run).", ""]
 
 
 def serving_goals(s: dict, setups: list[str]) -> list[tuple]:
@@ -301,6 +307,22 @@ def main(argv: list[str] | None = None) -> int:
         body += quality_section(q, out)
     if s:
         lines, g = serving_section(s, out)
+        body += lines
+        goals += g
+    cp, hb, cc = (load(out / n) for n in ("control_plane_cpu.json", "hop_bytes.json", "cache_compare.json"))
+    before = load(out / "before-lean" / "serving.json")
+    if cp:
+        lines, g = control_plane_section(cp)
+        body += lines
+        goals += g
+    if hb:
+        body += hop_section(hb)
+    if cc:
+        lines, g = cache_section(cc)
+        body += lines
+        goals += g
+    if s and before:
+        lines, g = before_after_section(before, s)
         body += lines
         goals += g
     table = ["## Goals: measured vs goal", "", "| goal | measured | verdict |", "|---|---|---|"]

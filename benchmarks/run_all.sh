@@ -5,9 +5,10 @@
 #   benchmarks/run_all.sh
 #
 # Environment: MODEL (default: the bundled srd-tiny), OUT (default: benchmarks/results), QUALITY_VIDEOS (64),
-# SERVING_ARGS (extra flags for serving_compare.py, e.g. "--repeats 1" for a quick look).
-# Writes under benchmarks/results/: sr_speedup.json, quality.json, serving.json (+ serving_records.jsonl, every
-# request with its job record), run_all.json (wall time of each step), REPORT.md and its PNG plots.
+# CACHE_VIDEOS (32), CPU_REPEATS (3), SERVING_ARGS (extra flags for serving_compare.py, e.g. "--repeats 1").
+# Writes under benchmarks/results/: sr_speedup.json, quality.json, hop_bytes.json, control_plane_cpu.json,
+# cache_compare.json, serving.json (+ serving_records.jsonl, every request with its job record), run_all.json
+# (wall time of each step), REPORT.md and its PNG plots. before-lean/ keeps the serving run before the lean path.
 # Run it on an otherwise idle machine: the serving comparison pins its workers to cores 0 and 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,8 @@ step() {
 import sys
 from srserve.pipeline.engine import SREngine
 from srserve.pipeline.spec import resolve_model_spec
-d = SREngine.load(resolve_model_spec(sys.argv[1] or None), roles=()).family.defaults
+from srserve.tiny import default_model_path
+d = SREngine.load(resolve_model_spec(sys.argv[1] or default_model_path()), roles=()).family.defaults
 print(f"model defaults: {d.width}x{d.height} x {d.num_frames} frames, {d.num_inference_steps} steps")
 if d.width * d.height * d.num_frames > 256 * 256 * 33:
     sys.exit("these defaults are far too large for a CPU benchmark: give the model a srserve.json with its own")
@@ -45,6 +47,12 @@ step single_request "$PY" benchmarks/sr_speedup.py "${MODEL_ARGS[@]}" --repeats 
 # One torch thread, like every serving worker and the single-request benchmark (and robust to a busy machine).
 step quality "$PY" -m srserve.cli tiny quality "${MODEL_ARGS[@]}" --videos "${QUALITY_VIDEOS:-64}" --threads 1 \
     --out-json "$OUT/quality.json"
+step hop_bytes "$PY" benchmarks/hop_bytes.py --out "$OUT/hop_bytes.json"
+# The control plane's CPU per request, the current code against the commit before the lean path, alternating.
+step control_plane "$PY" benchmarks/control_plane_cpu.py --repeats "${CPU_REPEATS:-3}" --baseline 8b74458 \
+    --out "$OUT/control_plane_cpu.json"
+step caches "$PY" benchmarks/cache_compare.py "${MODEL_ARGS[@]}" --videos "${CACHE_VIDEOS:-32}" \
+    --out "$OUT/cache_compare.json"
 step serving "$PY" benchmarks/serving_compare.py "${MODEL_ARGS[@]}" --time-budget 1800 "${SERVING_EXTRA[@]}" --out "$OUT/serving.json"
 step report "$PY" benchmarks/report.py --results "$OUT"
 echo "done in $SECONDS s: $OUT/REPORT.md"

@@ -78,6 +78,7 @@ def calibrate(spec: Any, bodies: list[dict[str, Any]], threads: int, pin: list[i
 
     from srserve.config import GenerationRequest
     from srserve.pipeline.engine import SREngine
+    from srserve.serving.messages import dump_state
     from sr_speedup import per_step_seconds
 
     affinity = os.sched_getaffinity(0) if pin else None
@@ -96,7 +97,8 @@ def calibrate(spec: Any, bodies: list[dict[str, Any]], threads: int, pin: list[i
         steps = {role: per_step_seconds(engine, state0, role, steps=5) for role in ("sketch", "render")}
         handed = engine.sketch(state0)  # what the sketch stage hands the render stage
         emb = handed.embeddings
-        state_bytes = {"pickled": len(handed.to_bytes()), "tensors": handed.nbytes(),
+        header, buffers = dump_state(handed.replace(embeddings=None))  # the sketch -> render hop's wire form
+        state_bytes = {"wire": len(header) + sum(b.raw().nbytes for b in buffers), "tensors": handed.nbytes(),
                        "latents": handed.latents.numel() * handed.latents.element_size(),
                        "prompt_embeddings": sum(t.numel() * t.element_size() for t in
                                                 (emb.prompt_embeds, emb.negative_prompt_embeds) if t is not None)}
@@ -194,13 +196,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from srserve.pipeline.spec import resolve_model_spec
     from srserve.serving import build_app
+    from srserve.tiny import default_model_path
     from srserve.tiny.domain import all_prompts
 
     started = time.monotonic()
     pin = opts.pin if opts.pin is not None else opts.device == "cpu"
     if pin and len(os.sched_getaffinity(0)) < opts.workers:
         raise SystemExit(f"--pin needs {opts.workers} cores, this process may use {len(os.sched_getaffinity(0))}")
-    spec = resolve_model_spec(opts.model)
+    spec = resolve_model_spec(opts.model or default_model_path())
     if opts.device != "cpu":
         spec = spec.model_copy(update={"device": opts.device})
     prompts = all_prompts()
@@ -327,7 +330,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
             "render_handoff_bytes": ("handoff", "render_bytes"), "render_handoff_s": ("handoff", "render_seconds"),
             "render_serialize_s": ("handoff", "render_serialize_s"),
             "render_transit_s": ("handoff", "render_transit_s"),
-            "render_deserialize_s": ("handoff", "render_deserialize_s"), "arrival_rps": ("arrival_rps",),
+            "render_deserialize_s": ("handoff", "render_deserialize_s"),
+            "render_embeddings_s": ("handoff", "render_embeddings_s"), "arrival_rps": ("arrival_rps",),
             "handoff_fraction": ("handoff_fraction_of_latency_p50",)}
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in runs:

@@ -75,18 +75,20 @@ def busy_fraction(jobs: list[dict[str, Any]], stages: Iterable[str], workers: in
 def handoff_totals(job: dict[str, Any]) -> dict[str, float]:
     """Bytes and seconds (serialise + transit + deserialise) of the states this job moved between processes."""
     out = {"bytes": 0.0, "seconds": 0.0, "render_bytes": 0.0, "render_seconds": 0.0, "render_serialize_s": 0.0,
-           "render_transit_s": 0.0, "render_deserialize_s": 0.0}
+           "render_transit_s": 0.0, "render_deserialize_s": 0.0, "render_embeddings_s": 0.0}
     for name, record in (job.get("stages") or {}).items():
         h = record.get("handoff")
         if not h:
             continue
-        seconds = h["serialize_s"] + h["transit_s"] + h["deserialize_s"]
-        out["bytes"] += h["bytes"]
+        # the embeddings a denoising stage fetches by reference count as part of its hop
+        seconds = h["serialize_s"] + h["transit_s"] + h["deserialize_s"] + h.get("embeddings_s", 0.0)
+        moved = h["bytes"] + h.get("embeddings_bytes", 0.0)
+        out["bytes"] += moved
         out["seconds"] += seconds
         if name == "render":  # the sketch -> render handoff proper
-            out["render_bytes"], out["render_seconds"] = float(h["bytes"]), seconds
-            for part in ("serialize_s", "transit_s", "deserialize_s"):
-                out[f"render_{part}"] = h[part]
+            out["render_bytes"], out["render_seconds"] = float(moved), seconds
+            for part in ("serialize_s", "transit_s", "deserialize_s", "embeddings_s"):
+                out[f"render_{part}"] = h.get(part, 0.0)
     return out
 
 

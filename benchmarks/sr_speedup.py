@@ -20,6 +20,7 @@ import torch
 from srserve.config import GenerationRequest
 from srserve.pipeline.engine import DenoiseBatch, SREngine
 from srserve.pipeline.spec import resolve_model_spec
+from srserve.tiny import default_model_path
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    spec = resolve_model_spec(args.model)
+    spec = resolve_model_spec(args.model or default_model_path())
     engine = SREngine.load(spec)
     policies = ["none"] + args.policies.split(",")
     runs: dict[str, list[dict]] = {p: [] for p in policies}

@@ -1,4 +1,4 @@
-"""`srserve generate | serve | eval | tiny train`: the command line."""
+"""`srserve generate | serve | eval | tiny train | plan`: the command line."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,8 @@ def _size(text: str) -> tuple[int, int]:
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate one video in this process", epilog=GENERATE_EPILOG)
     p.add_argument("prompt")
-    p.add_argument("--model", default=None, help="diffusers directory or YAML/JSON spec (default: srd-tiny)")
+    p.add_argument("--model", default=None, help="diffusers directory or YAML/JSON spec (default: the bundled "
+                                                 "srd-tiny)")
     p.add_argument("--switch", default=None, help="switch policy (default: the model's, usually adaptive)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: the model's)")
@@ -37,6 +38,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention-backend", default=None, help="native, xformers, flash, _native_cudnn, ...")
     p.add_argument("--out", default="out/video.mp4", help="output .mp4 (H.264) or .npy (float32 frames)")
     p.add_argument("--json", action="store_true", help="print one JSON line with timings")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve srserve's metrics (Prometheus format) on 127.0.0.1:PORT while generating")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -47,10 +50,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from srserve.pipeline.engine import SREngine
     from srserve.pipeline.spec import ModelSpecError, resolve_model_spec
     from srserve.pipeline.video import write_video
+    from srserve.tiny import default_model_path
 
     if not args.out.endswith((".mp4", ".npy")):
         print(f"error: --out {args.out!r} must end in .mp4 or .npy", file=sys.stderr)
         return 2
+    if args.metrics_port is not None:  # no Ray here, so prometheus-client serves them (srserve/serving/prom.py)
+        from srserve.serving.prom import serve_metrics
+
+        print(f"metrics at {serve_metrics(args.metrics_port)}", file=sys.stderr)
     width, height = args.size if args.size else (None, None)
     try:
         request = GenerationRequest(
@@ -59,7 +67,7 @@ def run_generate(args: argparse.Namespace) -> int:
             guidance_scale_2=args.guidance_2,
             switch=args.switch, max_sequence_length=args.max_sequence_length,
         )
-        spec = resolve_model_spec(args.model, device=args.device, dtype=args.dtype,
+        spec = resolve_model_spec(args.model or default_model_path(), device=args.device, dtype=args.dtype,
                                   attention_backend=args.attention_backend)
         engine = SREngine.load(spec)
         request = engine.resolve(request)
@@ -88,7 +96,7 @@ def _forward(name: str, help_text: str, target: Callable[[], Callable[[list[str]
     p.set_defaults(forward=target)
 
 
-FORWARDED = ("serve", "eval", "tiny")
+FORWARDED = ("serve", "eval", "tiny", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
              lambda: __import__("srserve.tiny.evaluate", fromlist=["main"]).main, sub)
     _forward("tiny", "srd-tiny tools: srserve tiny train|quality ...",
              lambda: _tiny_main, sub)
+    _forward("plan", "capacity planner: pool sizes, p95 and $ per video per setup (srserve plan --help)",
+             lambda: __import__("srserve.sim.plan", fromlist=["main"]).main, sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
         # Forwarded commands own their flags, --help included.

@@ -5,12 +5,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from srserve.api.protocol import (
-    ApiError, ModelInfo, RequestLimits, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
+    ApiError, ModelCard, RequestLimits, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
 )
 from srserve.api.routes import create_app
-from srserve.pipeline.switch import parse_policy
 
-MODEL = ModelInfo(name="tiny", fps=8, default_num_frames=9, default_height=32, default_width=32, default_steps=8,
+MODEL = ModelCard(name="tiny", fps=8, default_num_frames=9, default_height=32, default_width=32, default_steps=8,
                   default_switch="adaptive")
 LIMITS = RequestLimits(max_prompt_chars=50, max_width=64, max_height=64, max_frames=33, max_steps=20)
 
@@ -23,7 +22,7 @@ class FakeService:
         self.requests = []
 
     async def create(self, body: VideoCreateBody) -> Video:
-        resolved = resolve_create(body, MODEL, LIMITS, parse_policy)
+        resolved = resolve_create(body, MODEL, LIMITS)
         self.requests.append(resolved)
         video = Video(id=f"video_{len(self.videos)}", created_at=1, model=resolved.model, progress=0,
                       seconds=resolved.seconds, size=resolved.size, status="queued", prompt=body.prompt)
@@ -133,3 +132,17 @@ def test_health_models_and_openapi(client):
     assert set(create["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     assert "seed" in create["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert {"/v1/videos/{video_id}", "/v1/videos/{video_id}/content", "/v1/jobs/{video_id}"} <= set(schema["paths"])
+
+
+def test_refused_creates_are_reported_to_the_hook():
+    """`on_refused(status, code)` hears every create answered with an error (the ingress counts them by reason),
+    and nothing else: not an accepted create, not a refusal of another route."""
+    service, heard = FakeService(), []
+    with TestClient(create_app(service, on_refused=lambda status, code: heard.append((status, code)))) as c:
+        assert c.post("/v1/videos", json={"prompt": "ok", "size": "32x32"}).status_code == 200
+        assert c.post("/v1/videos", json={"prompt": "ok", "size": "33x33"}).status_code == 422
+        assert c.post("/v1/videos", json={"size": "32x32"}).status_code == 422  # body validation, in the route
+        assert c.post("/v1/videos", content=b"x", headers={"content-type": "application/json"}).status_code == 400
+        assert c.get("/v1/videos/video_missing").status_code == 404
+        assert c.get("/v1/videos/video_missing/content", params={"variant": "gif"}).status_code == 422
+    assert heard == [(422, "invalid_value"), (422, "missing"), (400, "invalid_body")]

@@ -175,3 +175,50 @@ def test_render_vae_may_differ_only_in_scaling_factor(cog_dirs, tmp_path):
         resolve_model_spec(write_spec(tmp_path / "bad.json", sketch, render, bad))
     with pytest.raises(ModelSpecError, match="does not exist"):
         resolve_model_spec(write_spec(tmp_path / "missing.json", sketch, render, tmp_path / "nowhere"))
+
+
+def test_card_and_spec_checks_need_no_weights(cog_dirs, tmp_path):
+    """The card (what the ingress checks requests with) agrees with the loaded family; a text-length mismatch
+    fails at the spec check, before any weights load."""
+    from srserve.pipeline.card import model_card
+
+    root, dirs = cog_dirs
+    sketch, render = dirs["ddim", "sketch"], dirs["ddim", "render"]
+    spec = resolve_model_spec(write_spec(tmp_path / "ok.json", sketch, render, render))
+    card, family = model_card(spec), SREngine.load(spec, roles=()).family
+    assert (card.frame_stride, card.size_multiple) == (family.vae_scale_temporal, 2 * family.vae_scale_spatial)
+    assert (card.default_num_frames, card.default_width) == (family.defaults.num_frames, family.defaults.width)
+    odd = tmp_path / "odd"
+    (odd / "transformer").mkdir(parents=True)
+    config = json.loads((render / "transformer" / "config.json").read_text())
+    (odd / "transformer" / "config.json").write_text(json.dumps({**config, "max_text_seq_length": 77}))
+    with pytest.raises(ModelSpecError, match="max_text_seq_length"):
+        resolve_model_spec(write_spec(tmp_path / "odd.json", sketch, odd))
+
+
+def test_requests_joining_a_cached_sketch_batch_equal_their_solo_runs(cog_dirs, tmp_path):
+    """FirstBlockCache on CogVideoX: per-request cache state, so joining a batch changes nothing."""
+    from srserve.config import CacheConfig
+    from srserve.pipeline.batch import DenoiseBatch
+    from srserve.pipeline.caches import step_cache
+
+    _, dirs = cog_dirs
+    spec = resolve_model_spec(write_spec(tmp_path / "spec.json", dirs["ddim", "sketch"], dirs["ddim", "render"]))
+    spec = spec.model_copy(update={"sketch_cache": CacheConfig(kind="first_block", threshold=0.5)})
+    engine = SREngine.load(spec, roles=("encode", "sketch"))
+    requests = {"a": request("step:4", seed=1), "b": request("step:3", seed=2), "c": request("step:4", seed=4)}
+    states = {k: engine.prepare(r, engine.encode(r)) for k, r in requests.items()}
+    solo = {k: engine.sketch(s) for k, s in states.items()}
+    batch, done, tick, sizes = DenoiseBatch(engine.family, "sketch", max_batch_size=8), {}, 0, []
+    while len(done) < len(states):
+        for key, at in {"a": 0, "b": 1, "c": 2}.items():
+            if at == tick:
+                batch.add(key, states[key])
+        sizes.append(len(batch))
+        done.update(batch.step())
+        tick += 1
+    assert max(sizes) == 3
+    for key in requests:
+        assert not isinstance(done[key], BaseException), done[key]
+        assert torch.equal(done[key].latents, solo[key].latents), key
+    assert step_cache(engine.family.transformers["sketch"]).active_keys() == set()

@@ -237,6 +237,8 @@ def test_batched_requests_share_forward_passes(served, engine):
 
 def test_ingress_never_deserialises_the_handoff(served):
     assert handle("Ingress").handoff_loads.remote().result() == 0
+    for module in ("torch", "diffusers", "srserve.pipeline.engine"):  # it validates requests from the card
+        assert not handle("Ingress").has_imported.remote(module).result(), module
     for stage in ("Sketch", "Render", "Decode"):
         assert handle(stage).handoff_loads.remote().result() > 0
 

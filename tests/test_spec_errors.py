@@ -124,3 +124,15 @@ def test_unsupported_pipeline(model_copy):
 
 def test_native_attention_and_explicit_backend_work(wan_unipc_dir):
     assert resolve_model_spec(wan_unipc_dir, attention_backend="native").attention_backend == "native"
+
+
+def test_unknown_family(wan_unipc_dir, tmp_path):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base_path": str(wan_unipc_dir), "family": "flux"}))
+    with pytest.raises(ModelSpecError, match="unknown model family 'flux'; one of"):
+        resolve_model_spec(tmp_path / "s.yaml")
+
+
+def test_backend_requirements_are_left_to_where_the_model_runs(wan_unipc_dir):
+    # The ingress resolves the spec without importing diffusers; the stage replicas check the backend.
+    spec = resolve_model_spec(wan_unipc_dir, attention_backend="flash", check_backend=False)
+    assert spec.attention_backend == "flash"

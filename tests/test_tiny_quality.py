@@ -47,13 +47,13 @@ def random_copy(tmp_path_factory):
 
 def test_bundle_is_the_default_model():
     assert default_model_path() == str(BUNDLE_PATH)
-    spec = resolve_model_spec(None)
+    spec = resolve_model_spec(default_model_path())
     assert spec.name == "srd-tiny" and spec.family == "wan"
     assert (spec.default_num_frames, spec.default_height, spec.default_width) == (17, 64, 64)
 
 
 def test_bundle_runs_through_the_engine_with_its_defaults():
-    engine = SREngine.load(resolve_model_spec(None))
+    engine = SREngine.load(resolve_model_spec(default_model_path()))
     result = engine.generate(GenerationRequest(prompt="a green square moving up"))
     assert result.frames.shape == (17, 64, 64, 3)
     assert 0 < result.switch_step < result.num_inference_steps  # the default policy really splits

@@ -1,8 +1,8 @@
 """The HTTP protocol (OpenAI /v1/videos shaped) and its FastAPI routes. No Ray here."""
 from srserve.api.protocol import (
-    ApiError, ModelInfo, RequestLimits, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
+    ApiError, ModelCard, RequestLimits, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
 )
 from srserve.api.routes import VideoService, create_app
 
-__all__ = ["ApiError", "ModelInfo", "RequestLimits", "Video", "VideoCreateBody", "VideoDeleted", "VideoList",
+__all__ = ["ApiError", "ModelCard", "RequestLimits", "Video", "VideoCreateBody", "VideoDeleted", "VideoList",
            "VideoService", "create_app", "resolve_create"]

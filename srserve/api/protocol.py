@@ -1,7 +1,9 @@
 """The /v1/videos protocol: request and response models (the OpenAI `Video` shape) and request validation.
 
-Validation turns a create body into a `GenerationRequest` for one configured model, or raises `ApiError` naming
-the offending field and the limit. Pure data: no Ray, no FastAPI.
+Validation turns a create body into a resolved `GenerationRequest` for one model (its `ModelCard`), or raises
+`ApiError` naming the offending field and the limit. The model's own rules are the engine's resolver
+(`srserve.pipeline.card.resolve`); this module adds the API's fields and the server's limits. Pure data: no Ray,
+no FastAPI, no torch.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from srserve.config import GenerationRequest
+from srserve.pipeline.card import ModelCard, RequestError, check_shape, resolve
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
 VARIANTS = {  # download variant -> (artifact name, media type)
@@ -53,20 +56,6 @@ class RequestLimits(BaseModel):
     max_steps: int = Field(100, ge=1)
     max_guidance_scale: float = Field(20.0, ge=0)
     max_fps: int = Field(60, ge=1)
-
-
-class ModelInfo(BaseModel):
-    """What the ingress knows of the served model without loading weights."""
-
-    name: str
-    fps: int
-    default_num_frames: int
-    default_height: int
-    default_width: int
-    default_steps: int
-    default_switch: str
-    frame_stride: int = 4  # num_frames must be stride*k+1 (the VAE's temporal compression)
-    size_multiple: int = 16  # height and width multiples (VAE stride x patch size)
 
 
 class VideoCreateBody(BaseModel):
@@ -141,16 +130,12 @@ class ResolvedRequest(BaseModel):
     size: str
 
 
-def resolve_create(body: VideoCreateBody, model: ModelInfo, limits: RequestLimits,
-                   parse_switch: Any = None) -> ResolvedRequest:
-    """Validate a create body against the model and the limits; ApiError(422) names the field and the limit.
-
-    `parse_switch(text)` raises ValueError for an unknown switch policy (the engine's `parse_policy`).
-    """
+def resolve_create(body: VideoCreateBody, card: ModelCard, limits: RequestLimits) -> ResolvedRequest:
+    """Validate a create body against the model and the limits; ApiError(422) names the field and the limit."""
     if body.input_reference not in (None, ""):
         raise invalid("input_reference", "reference inputs are not supported (text-to-video only)")
-    if body.model not in (None, model.name):
-        raise ApiError(422, f"model: unknown model {body.model!r}; this server serves {model.name!r}",
+    if body.model not in (None, card.name):
+        raise ApiError(422, f"model: unknown model {body.model!r}; this server serves {card.name!r}",
                        param="model", code="model_not_found")
     prompt = body.prompt.strip()
     if not prompt:
@@ -158,12 +143,12 @@ def resolve_create(body: VideoCreateBody, model: ModelInfo, limits: RequestLimit
     _at_most("prompt", len(body.prompt), limits.max_prompt_chars, "characters")
     negative = body.negative_prompt or ""
     _at_most("negative_prompt", len(negative), limits.max_prompt_chars, "characters")
-    width, height = _size(body.size, model, limits)
-    fps = model.fps if body.fps is None else body.fps
+    width, height = _size(body.size, card, limits)
+    fps = card.fps if body.fps is None else body.fps
     if not 1 <= fps <= limits.max_fps:
         raise invalid("fps", f"must be between 1 and {limits.max_fps}, got {fps}")
-    num_frames, seconds = _frames(body, model, limits, fps)
-    steps = model.default_steps if body.num_inference_steps is None else body.num_inference_steps
+    num_frames, seconds = _frames(body, card, limits, fps)
+    steps = card.default_steps if body.num_inference_steps is None else body.num_inference_steps
     if not 1 <= steps <= limits.max_steps:
         raise invalid("num_inference_steps", f"must be between 1 and {limits.max_steps}, got {steps}")
     guidance = _DEFAULT_GUIDANCE if body.guidance_scale is None else body.guidance_scale
@@ -173,16 +158,19 @@ def resolve_create(body: VideoCreateBody, model: ModelInfo, limits: RequestLimit
     seed = _DEFAULT_SEED if body.seed is None else body.seed
     if not 0 <= seed < 2**63:
         raise invalid("seed", f"must be between 0 and 2**63-1, got {seed}")
-    switch = body.switch or model.default_switch
-    if parse_switch is not None:
-        try:
-            switch = str(parse_switch(switch))
-        except ValueError as err:
-            raise invalid("switch", str(err)) from None
-    generation = GenerationRequest(prompt=body.prompt, negative_prompt=negative, num_inference_steps=steps,
-                                   num_frames=num_frames, height=height, width=width, seed=seed,
-                                   guidance_scale=guidance, guidance_scale_2=body.guidance_scale_2, switch=switch)
-    return ResolvedRequest(generation=generation, model=model.name, fps=fps, seconds=seconds,
+    try:
+        # The shape first: GenerationRequest's own bounds would refuse a small size less clearly.
+        check_shape(card, num_frames, height, width)
+        generation = resolve(GenerationRequest(
+            prompt=body.prompt, negative_prompt=negative, num_inference_steps=steps, num_frames=num_frames,
+            height=height, width=width, seed=seed, guidance_scale=guidance, guidance_scale_2=body.guidance_scale_2,
+            switch=body.switch), card)
+    except RequestError as err:
+        if err.param in ("height", "width"):  # the API's field is `size`
+            raise invalid("size", f"width and height must be multiples of {card.size_multiple} for this model, "
+                                  f"got {width}x{height}") from None
+        raise invalid(err.param, err.message) from None
+    return ResolvedRequest(generation=generation, model=card.name, fps=fps, seconds=seconds,
                            size=f"{width}x{height}")
 
 
@@ -191,29 +179,27 @@ def _at_most(param: str, value: int, limit: int, unit: str) -> None:
         raise invalid(param, f"at most {limit} {unit} allowed, got {value}")
 
 
-def _size(text: str | None, model: ModelInfo, limits: RequestLimits) -> tuple[int, int]:
+def _size(text: str | None, card: ModelCard, limits: RequestLimits) -> tuple[int, int]:
     if text is None:
-        return model.default_width, model.default_height
+        return card.default_width, card.default_height
     match = _SIZE.match(text)
     if not match:
-        raise invalid("size", f"expected WIDTHxHEIGHT such as {model.default_width}x{model.default_height}, "
+        raise invalid("size", f"expected WIDTHxHEIGHT such as {card.default_width}x{card.default_height}, "
                               f"got {text!r}")
     width, height = int(match.group(1)), int(match.group(2))
-    m = model.size_multiple
-    if width % m or height % m or not width or not height:
-        raise invalid("size", f"width and height must be positive multiples of {m}, got {width}x{height}")
+    if not width or not height:
+        raise invalid("size", f"width and height must be positive, got {width}x{height}")
     if width > limits.max_width or height > limits.max_height:
         raise invalid("size", f"at most {limits.max_width}x{limits.max_height} allowed, got {width}x{height}")
     return width, height
 
 
-def _frames(body: VideoCreateBody, model: ModelInfo, limits: RequestLimits, fps: int) -> tuple[int, str]:
-    """(num_frames, seconds as reported): num_frames wins; seconds maps to the nearest stride*k+1 frames."""
-    s = model.frame_stride
+def _frames(body: VideoCreateBody, card: ModelCard, limits: RequestLimits, fps: int) -> tuple[int, str]:
+    """(num_frames, seconds as reported): num_frames wins (the resolver checks it); seconds maps to the nearest
+    stride*k+1 frames."""
+    s = card.frame_stride
     if body.num_frames is not None:
         frames = body.num_frames
-        if frames < 1 or (frames - 1) % s:
-            raise invalid("num_frames", f"must be {s}k+1 (1, {s + 1}, {2 * s + 1}, ...), got {frames}")
     elif body.seconds is not None:
         try:
             seconds = float(body.seconds)
@@ -227,6 +213,6 @@ def _frames(body: VideoCreateBody, model: ModelInfo, limits: RequestLimits, fps:
                                      f"{limits.max_frames} frames ({limits.max_frames / fps:g}s) allowed")
         return frames, body.seconds
     else:
-        frames = model.default_num_frames
+        frames = card.default_num_frames
     _at_most("num_frames", frames, limits.max_frames, "frames")
     return frames, f"{frames / fps:g}"

@@ -5,7 +5,7 @@ and download_content. Refusals use the OpenAI error shape and name the field.
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Literal, Protocol
+from typing import Any, AsyncIterator, Callable, Literal, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,9 +46,14 @@ _ERRORS = {code: {"description": text} for code, text in (
     (422, "invalid field, named in error.param"), (429, "too many jobs in flight; see Retry-After"))}
 
 
-def create_app(service: VideoService, *, title: str = "srserve", version: str = "0.1.0") -> FastAPI:
+RefusalHook = Callable[[int, "str | None"], None]
+
+
+def create_app(service: VideoService, *, title: str = "srserve", version: str = "0.1.0",
+               on_refused: RefusalHook | None = None) -> FastAPI:
+    """`on_refused(status, code)` is called for each create (POST /v1/videos) answered with an error."""
     app = FastAPI(title=title, version=version, description="Text-to-video jobs, OpenAI /v1/videos shaped.")
-    _install_error_handlers(app)
+    _install_error_handlers(app, on_refused)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -115,8 +120,11 @@ async def _read_body(request: Request) -> dict[str, Any]:
     return data
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+def _install_error_handlers(app: FastAPI, on_refused: RefusalHook | None = None) -> None:
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        if on_refused is not None and request.method == "POST" and request.url.path.rstrip("/").endswith(
+                "/v1/videos"):
+            on_refused(err.status, err.code)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     async def validation_error(_: Request, err: ValidationError | RequestValidationError) -> JSONResponse:

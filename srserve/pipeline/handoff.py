@@ -17,7 +17,9 @@ import torch
 
 from srserve.config import GenerationRequest
 
-HANDOFF_VERSION = 1
+# 2: no `switch_policy` (read `request.switch`), no `previous_output` (the adaptive rule runs within one sketch
+# segment), embeddings may be None on the wire.
+HANDOFF_VERSION = 2
 # Attributes of a scheduler that are configuration or derived from it, not carried state.
 _SCHEDULER_SKIP = {"_internal_dict"}
 
@@ -30,7 +32,7 @@ class PromptEmbeddings:
 
 @dataclass(frozen=True)
 class HandoffState:
-    request: GenerationRequest  # resolved: no None left
+    request: GenerationRequest  # resolved: no None left; `request.switch` is the switch policy
     family: str
     latents: torch.Tensor
     step_index: int  # the next denoising step to run
@@ -38,12 +40,12 @@ class HandoffState:
     scheduler_class: str
     scheduler_config: dict[str, Any]
     scheduler_state: dict[str, Any]
-    embeddings: PromptEmbeddings
+    # None while shipped apart (the object store holds them once for many hops); re-attach with
+    # `state.replace(embeddings=...)` before a denoising stage
+    embeddings: PromptEmbeddings | None
     generator_state: torch.Tensor  # CPU generator state after the initial noise (schedulers that draw noise)
-    switch_policy: str
     switch_step: int | None  # number of sketch steps; None until the adaptive rule decides
-    switch_diffs: tuple[float, ...] = ()  # the adaptive rule's d_i so far
-    previous_output: torch.Tensor | None = None  # guided output of the last step, for the adaptive rule
+    switch_diffs: tuple[float, ...] = ()  # the adaptive rule's d_i, written by the sketch for diagnostics only
     family_state: dict[str, Any] = field(default_factory=dict)  # e.g. the latent space a family put them in
     version: int = HANDOFF_VERSION
 
@@ -58,6 +60,17 @@ class HandoffState:
     def replace(self, **changes: Any) -> "HandoffState":
         return dataclasses.replace(self, **changes)
 
+    def for_decode(self) -> "HandoffState":
+        """A copy holding what Decode reads (latents, the labels of `family_state`) and the small metadata stages
+        report (request, steps, switch step); the rest emptied, so the hop to Decode moves little but the latents.
+        Tensors in `family_state` are denoising carry (CogVideoX's x0 for its solver); no family decodes with them.
+        """
+        return self.replace(
+            scheduler_config={}, scheduler_state={}, embeddings=None,
+            generator_state=torch.empty(0, dtype=torch.uint8), switch_diffs=(),
+            family_state={k: v for k, v in self.family_state.items() if not isinstance(v, torch.Tensor)},
+        )
+
     def nbytes(self) -> int:
         """Approximate size of the tensors carried, for metrics."""
         return sum(t.numel() * t.element_size() for t in _tensors(self))
@@ -70,9 +83,15 @@ class HandoffState:
         state = pickle.loads(data)
         if not isinstance(state, HandoffState):
             raise TypeError(f"expected a HandoffState, got {type(state).__name__}")
-        if state.version != HANDOFF_VERSION:
-            raise ValueError(f"handoff version {state.version} is not supported (expected {HANDOFF_VERSION})")
+        check_version(state)
         return state
+
+
+def check_version(state: HandoffState) -> None:
+    """ValueError unless `state` has this code's handoff layout (a pickle of another layout loads but misreads)."""
+    version = getattr(state, "version", None)
+    if version != HANDOFF_VERSION:
+        raise ValueError(f"handoff version {version} is not supported (expected {HANDOFF_VERSION})")
 
 
 def _tensors(obj: Any):

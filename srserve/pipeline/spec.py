@@ -1,6 +1,8 @@
-"""Resolve `--model` (a diffusers directory, a YAML/JSON spec file, or nothing) into a checked ModelSpec.
+"""Resolve `--model` (a diffusers directory or a YAML/JSON spec file) into a checked ModelSpec.
 
-All checks read configs only (small JSON files), so a bad spec fails before any weights load.
+All checks read configs only (small JSON files), so a bad spec fails before any weights load; none imports
+torch but the attention backend's requirements (`check_backend`), which belong where the model runs.
+The caller names the model: the bundled demo is `srserve.tiny.default_model_path()`.
 """
 from __future__ import annotations
 
@@ -12,24 +14,22 @@ from typing import Any
 import yaml
 
 from srserve.config import ModelSpec
-from srserve.pipeline.families.base import role_path
+from srserve.pipeline.errors import ModelSpecError
+from srserve.pipeline.families.registry import FAMILIES, family_for_pipeline, family_info, read_config, role_path
 
-PIPELINE_FAMILIES = {"WanPipeline": "wan", "CogVideoXPipeline": "cogvideox"}
 SPEC_DEFAULTS_FILE = "srserve.json"  # optional serving defaults next to model_index.json
-BACKEND_FAMILIES = {"wan"}  # families whose diffusers models accept set_attention_backend
+
+__all__ = ["ModelSpecError", "resolve_model_spec", "validate_model_spec"]
 
 
-class ModelSpecError(ValueError):
-    """A model spec that cannot work, with the reason."""
-
-
-def resolve_model_spec(model: str | os.PathLike | ModelSpec | None = None, **overrides: Any) -> ModelSpec:
+def resolve_model_spec(model: str | os.PathLike | ModelSpec, *, check_backend: bool = True,
+                       **overrides: Any) -> ModelSpec:
+    """The checked spec of `model`, with `overrides` (ModelSpec fields; None leaves a field as it is)."""
     if isinstance(model, ModelSpec):
         spec = model
     elif model is None:
-        from srserve.tiny import default_model_path
-
-        spec = _spec_from_directory(Path(default_model_path()))
+        raise ModelSpecError("no model given: a diffusers directory or a YAML/JSON spec file (the bundled demo "
+                             "model is srserve.tiny.default_model_path())")
     else:
         path = Path(model).expanduser()
         if path.is_dir():
@@ -41,20 +41,21 @@ def resolve_model_spec(model: str | os.PathLike | ModelSpec | None = None, **ove
     if overrides:
         spec = spec.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         spec = ModelSpec.model_validate(spec.model_dump())
-    validate_model_spec(spec)
+    validate_model_spec(spec, check_backend=check_backend)
     return spec
 
 
 def _spec_from_directory(path: Path) -> ModelSpec:
-    index = _read_json(path / "model_index.json", "the model directory")
-    family = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if family is None:
+    index = read_config(path / "model_index.json", "the model directory")
+    info = family_for_pipeline(index.get("_class_name"))
+    if info is None:
+        supported = sorted(f.pipeline_class for f in FAMILIES.values())
         raise ModelSpecError(f"{path}/model_index.json: pipeline {index.get('_class_name')!r} is not supported; "
-                             f"supported: {sorted(PIPELINE_FAMILIES)}")
-    fields: dict[str, Any] = {"name": path.name, "family": family, "base_path": str(path.resolve())}
+                             f"supported: {supported}")
+    fields: dict[str, Any] = {"name": path.name, "family": info.name, "base_path": str(path.resolve())}
     defaults_file = path / SPEC_DEFAULTS_FILE
     if defaults_file.is_file():
-        fields.update(_read_json(defaults_file, "the serving defaults"))
+        fields.update(read_config(defaults_file, "the serving defaults"))
     return ModelSpec(**fields)
 
 
@@ -76,15 +77,19 @@ def _spec_from_file(path: Path) -> ModelSpec:
         raise ModelSpecError(f"{path}: {err}") from None
 
 
-def validate_model_spec(spec: ModelSpec) -> None:
-    """ModelSpecError naming the problem: missing paths, mismatched sketch/render, unusable attention backend."""
+def validate_model_spec(spec: ModelSpec, *, check_backend: bool = True) -> None:
+    """ModelSpecError naming the problem: missing paths, mismatched sketch/render, unusable attention backend.
+
+    `check_backend=False` leaves out whether a non-native attention backend is installed here (it imports
+    diffusers): the ingress, which never runs the model, checks the rest.
+    """
     base = Path(spec.base_path)
     if not base.is_dir():
         raise ModelSpecError(f"base_path {spec.base_path!r} does not exist")
-    configs = {role: _read_json(Path(role_path(spec, role)) / "config.json", f"the {role} transformer")
+    configs = {role: read_config(Path(role_path(spec, role)) / "config.json", f"the {role} transformer")
                for role in ("sketch", "render")}
-    vae = _read_json(base / "vae" / "config.json", "the VAE")
-    _read_json(base / "scheduler" / "scheduler_config.json", "the scheduler")
+    vae = read_config(base / "vae" / "config.json", "the VAE")
+    read_config(base / "scheduler" / "scheduler_config.json", "the scheduler")
     for part in ("text_encoder", "tokenizer"):
         if not (base / part).is_dir():
             raise ModelSpecError(f"base_path {spec.base_path!r} has no {part}/ directory")
@@ -98,36 +103,26 @@ def validate_model_spec(spec: ModelSpec) -> None:
         if sketch.get(key) != render.get(key):
             raise ModelSpecError(f"sketch and render transformers differ in {key}: "
                                  f"{sketch.get(key)} vs {render.get(key)}; they must share latents and text")
-    if spec.family == "cogvideox":
-        from srserve.pipeline.families.cogvideox import validate_render_vae
-
-        validate_render_vae(spec, vae)
-    _check_attention_backend(spec)
-
-
-def _check_attention_backend(spec: ModelSpec) -> None:
+    info = family_info(spec.family)
+    info.validate(spec, {"vae": vae, **configs})
     if spec.attention_backend == "native":
         return
-    if spec.family not in BACKEND_FAMILIES:
+    if not info.attention_backends:
         raise ModelSpecError(f"attention_backend {spec.attention_backend!r}: the {spec.family} family supports "
                              f"only 'native' (its diffusers models have no attention dispatcher)")
+    if check_backend:
+        _check_attention_backend(spec.attention_backend)
+
+
+def _check_attention_backend(name: str) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     try:
-        backend = AttentionBackendName(spec.attention_backend)
+        backend = AttentionBackendName(name)
     except ValueError:
         names = sorted(b.value for b in AttentionBackendName)
-        raise ModelSpecError(f"attention_backend {spec.attention_backend!r} is unknown; one of {names}") from None
+        raise ModelSpecError(f"attention_backend {name!r} is unknown; one of {names}") from None
     try:
         _check_attention_backend_requirements(backend)
     except Exception as err:
-        raise ModelSpecError(f"attention_backend {spec.attention_backend!r} is not usable here: {err}") from None
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelSpecError(f"{what}: {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelSpecError(f"{what}: {path} is not valid JSON: {err}") from None
+        raise ModelSpecError(f"attention_backend {name!r} is not usable here: {err}") from None

@@ -1,4 +1,4 @@
-"""Writing decoded frames: H.264 mp4 for people, float32 .npy for exact comparisons, PNG thumbnails."""
+"""Writing decoded frames: H.264 mp4 for people, float32 .npy for exact comparisons."""
 from __future__ import annotations
 
 import os
@@ -42,24 +42,3 @@ def encode_mp4(frames: np.ndarray, fps: int = 16) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
-
-
-def encode_thumbnail(frames: np.ndarray) -> bytes:
-    """PNG of the middle frame."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(to_uint8(frames[len(frames) // 2])).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def read_video(path: str | os.PathLike) -> np.ndarray:
-    """(F, H, W, 3) float32 in [0, 1] from .npy or any video imageio can read."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.float32)
-    import imageio.v3 as iio
-
-    return iio.imread(path).astype(np.float32) / 255.0

@@ -16,7 +16,7 @@ from ray import serve
 from srserve.serving.args import AppArgs
 from srserve.serving.colocated import Colocated
 from srserve.serving.ingress import Ingress
-from srserve.serving.jobs import SQLiteJobStore
+from srserve.serving.jobs import JobStoreDeployment
 from srserve.serving.stages import Decode, Encode, Render, Sketch
 
 DEPLOYMENTS = {"encode": Encode, "sketch": Sketch, "render": Render, "decode": Decode, "colocated": Colocated}
@@ -26,7 +26,7 @@ WITH_ARTIFACTS = ("decode", "colocated")  # the deployments that write videos
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
     """The srserve Serve application. Raises pydantic's ValidationError naming any bad argument."""
     args = (args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})).resolved()
-    store = serve.deployment(SQLiteJobStore).options(
+    store = serve.deployment(JobStoreDeployment).options(
         name="JobStore", num_replicas=1, max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": args.job_store_num_cpus, "resources": args.job_store_resources},
         logging_config={"enable_access_log": False},
@@ -34,9 +34,12 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
     stages = {}
     for name, options in args.stages().items():
         extra = (args.artifacts_url,) if name in WITH_ARTIFACTS else ()
+        # The app-level observability options reach each stage through its options.
+        observed = {"log_prompts": options.log_prompts or args.log_prompts,
+                    "model_name": options.model_name or args.model_name}
         stages[name] = serve.deployment(DEPLOYMENTS[name]).options(
             name=name.capitalize(), **options.deployment_options(),
-        ).bind(args.model, store, options.model_dump(), *extra)
+        ).bind(args.model, store, {**options.model_dump(), **observed}, *extra)
     ingress = serve.deployment(Ingress).options(
         name="Ingress", **args.ingress.deployment_options(args.retry_after_s),
     )

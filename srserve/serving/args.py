@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from srserve.api.protocol import RequestLimits
 from srserve.config import ModelSpec
 from srserve.pipeline.switch import parse_policy
+from srserve.tiny import default_model_path
 
 
 class StageOptions(BaseModel):
@@ -34,9 +35,15 @@ class StageOptions(BaseModel):
     health_check_period_s: float = Field(10.0, gt=0)
     max_batch_size: int = Field(1, ge=1, description="requests sharing a denoising step (sketch, render)")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="wait for more requests before a new batch")
+    progress_interval_s: float = Field(1.0, ge=0, description="at most one progress report per job this often; "
+                                       "a DELETE stops a running stage at the first step boundary after one")
     torch_threads: int | None = Field(None, ge=1)
     cpu_affinity: list[int] | None = Field(
         None, description="pin the replicas' processes to these CPU cores (simulated pools on one machine)")
+    log_prompts: bool = Field(False, description="write the prompt in this stage's transition log lines "
+                              "(AppArgs.log_prompts turns it on for every stage)")
+    model_name: str | None = Field(None, description="the `model` label of this stage's metrics; build_app sets "
+                                   "it from AppArgs.model_name (default: the spec's name)")
 
     def resources_needed(self) -> dict[str, float]:
         needed = dict(self.resources)
@@ -65,6 +72,8 @@ class EncodeOptions(StageOptions):
     pool: str | None = "render_pool"
     pool_amount: float = Field(0.25, gt=0)
     prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept per replica (LRU)")
+    embeddings_held: int = Field(64, ge=1, description="object-store copies of recent embeddings this replica "
+                                 "holds for the denoising stages that read them (>= the jobs in flight)")
 
 
 class SketchOptions(StageOptions):
@@ -131,9 +140,10 @@ class AppArgs(BaseModel):
     """Everything `srserve.serving:build_app` takes (the `args:` of a Serve config application)."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str | ModelSpec | None = Field(
-        None, description="model spec: a diffusers dir, a YAML/JSON spec file, or the ModelSpec fields inline "
-                          "(checkpoint paths); None: the bundled srd-tiny")
+    model: str | ModelSpec = Field(
+        default_factory=default_model_path,
+        description="model spec: a diffusers dir, a YAML/JSON spec file, or the ModelSpec fields inline "
+                    "(checkpoint paths); default (or null): the bundled srd-tiny")
     model_name: str | None = Field(None, description="name clients use; default: the spec's name")
     mode: Literal["disaggregated", "colocated"] = Field(
         "disaggregated", description="disaggregated: encode/sketch/render/decode deployments on their pools; "
@@ -155,6 +165,14 @@ class AppArgs(BaseModel):
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429")
     max_retries: int = Field(2, ge=0, description="retries of a job whose stage replica died or stalled")
     watchdog: WatchdogOptions = Field(default_factory=WatchdogOptions)
+    log_prompts: bool = Field(False, description="write prompts in the stages' transition log lines (prompts are "
+                              "user data: off by default)")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _bundled_when_null(cls, value: Any) -> Any:
+        # The app names its model; `model: null` in a Serve config means the bundled one, passed on by path.
+        return default_model_path() if value is None else value
 
     def resolved(self) -> "AppArgs":
         """Local paths made absolute where the app is built, so every replica sees the same files."""

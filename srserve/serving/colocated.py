@@ -17,8 +17,9 @@ from srserve.config import ModelSpec
 from srserve.pipeline.switch import parse_policy
 from srserve.serving.args import ColocatedOptions, StageOptions
 from srserve.serving.messages import HandoffProbe, StageMessage
+from srserve.serving.metrics import StageMetrics
 from srserve.serving.reporter import Reporter
-from srserve.serving.stages import Decode, Encode, Render, Sketch
+from srserve.serving.stages import Decode, Encode, Render, Sketch, resolve_spec
 
 
 class FairLock:
@@ -47,24 +48,28 @@ class Colocated(HandoffProbe):
         self.options = ColocatedOptions.model_validate(options)
         common = self.options.model_dump(include=set(StageOptions.model_fields))
         compute, reporter = FairLock(), Reporter(store, self.options.progress_interval_s)
+        # One "colocated" stage in the metrics, its roles' load summed; step latency is labelled by role.
+        metrics = StageMetrics("colocated", self.options.model_name or resolve_spec(model).name)
         self.encode = Encode(model, store, {**common, "prompt_cache_size": self.options.prompt_cache_size},
-                             compute, reporter)
-        self.sketch = Sketch(model, store, common, compute, reporter)
+                             compute, reporter, metrics)
+        self.sketch = Sketch(model, store, common, compute, reporter, metrics)
         force = self.options.force_switch
         self.render = None if force and parse_policy(force).kind == "none" else \
-            Render(model, store, common, compute, reporter)
-        self.decode = Decode(model, store, common, artifacts_url, compute, reporter)
+            Render(model, store, common, compute, reporter, metrics)
+        self.decode = Decode(model, store, common, artifacts_url, compute, reporter, metrics)
 
     async def __call__(self, msg: StageMessage) -> dict[str, Any]:
         if self.options.force_switch:
             msg = replace(msg, request=msg.request.model_copy(update={"switch": self.options.force_switch}))
-        msg = await self.encode(msg)
-        msg = await self.sketch(msg)
-        if not msg.state.done:  # `none` leaves no render steps
-            if self.render is None:
-                raise RuntimeError(f"job {msg.job_id}: steps left after sketch, but this replica has no render model")
-            msg = await self.render(msg)
-        return await self.decode(msg)
+        with self.encode.metrics.in_stage():
+            msg = await self.encode(msg)
+            msg = await self.sketch(msg)
+            if not msg.state.done:  # `none` leaves no render steps
+                if self.render is None:
+                    raise RuntimeError(f"job {msg.job_id}: steps left after sketch, but this replica has no render "
+                                       "model")
+                msg = await self.render(msg)
+            return await self.decode(msg)
 
     def load(self) -> int:
         """Requests denoising or waiting to, in this replica."""

@@ -19,9 +19,14 @@ from srserve.config import GenerationRequest
 from srserve.pipeline.switch import parse_policy
 from srserve.serving.args import WatchdogOptions
 from srserve.serving.calls import StageStalled, call, describe, is_replica_loss
+from srserve.serving.logs import job_context
 from srserve.serving.messages import JobCancelled, StageMessage
+from srserve.serving.metrics import JobMetrics
 
 logger = logging.getLogger("ray.serve")
+
+
+FINISHED_TTL_S = 30.0
 
 
 class JobTimedOut(RuntimeError):
@@ -61,8 +66,10 @@ def stages_with_work(stages: list[str], request: GenerationRequest) -> list[str]
 
 class JobDriver:
     def __init__(self, store: Any, stages: dict[str, Any], owner: str, watchdog: WatchdogOptions,
-                 max_retries: int, retry_after_s: float, on_cancelled: Any = None) -> None:
+                 max_retries: int, retry_after_s: float, on_cancelled: Any = None,
+                 metrics: JobMetrics | None = None) -> None:
         self.store, self.stages, self.owner = store, stages, owner
+        self.metrics = metrics if metrics is not None else JobMetrics("other")
         self.watchdog, self.max_retries, self.retry_after_s = watchdog, max_retries, retry_after_s
         self.on_cancelled = on_cancelled  # async callable(job_id): clean up a cancelled job's artifacts
         self._tasks: dict[str, asyncio.Task] = {}
@@ -70,6 +77,9 @@ class JobDriver:
         # The record of each job driven here as of the last watchdog round (at most `interval_s` old): status
         # polls for these jobs are answered without a store call.
         self._views: dict[str, dict[str, Any]] = {}
+        # Jobs that completed here lately, with their final record once read: a client's last polls and its
+        # download are answered without a store call. Kept `FINISHED_TTL_S`, or until deleted through here.
+        self._finished: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._loop_task: asyncio.Task | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------
@@ -86,16 +96,31 @@ class JobDriver:
         if job_id not in self._tasks:
             if record is not None:
                 self._views[job_id] = record
-            self._tasks[job_id] = asyncio.get_running_loop().create_task(self._drive(job_id))
+            with job_context(job_id):  # the task's lines carry the job id (it copies the context)
+                self._tasks[job_id] = asyncio.get_running_loop().create_task(self._drive(job_id))
+            self.metrics.set_in_flight(len(self._tasks))
 
     def view(self, job_id: str) -> dict[str, Any] | None:
-        """The job's record as of the last watchdog round, when this driver runs it (None: ask the store)."""
+        """The job's record as of the last watchdog round, when this driver runs it or just completed it
+        (None: ask the store, then `remember` what it said)."""
         job = self._views.get(job_id)
-        return None if job is None or job["deleted"] else job
+        if job is not None:
+            return None if job["deleted"] else job
+        finished = self._finished.get(job_id)
+        if finished is None or time.monotonic() - finished[0] > FINISHED_TTL_S:
+            self._finished.pop(job_id, None)
+            return None
+        return finished[1]
+
+    def remember(self, job: dict[str, Any] | None) -> None:
+        """A record read from the store, kept when it is the final one of a job that completed here."""
+        if job is not None and job["id"] in self._finished and job["status"] == "completed":
+            self._finished[job["id"]] = (self._finished[job["id"]][0], job)
 
     def forget(self, job_id: str) -> None:
         """Stop answering for the job (it was deleted): the store is the truth for it from now on."""
         self._views.pop(job_id, None)
+        self._finished.pop(job_id, None)
 
     @property
     def active(self) -> list[str]:
@@ -104,8 +129,10 @@ class JobDriver:
     # --- one job ------------------------------------------------------------------------------------------
     async def _drive(self, job_id: str) -> None:
         try:
-            while await self._attempt(job_id):
-                pass
+            view = self._views.get(job_id)
+            begun = view if view and view["attempt"] >= 1 and view["owner"] == self.owner else None
+            while await self._attempt(job_id, begun):
+                begun = None
         except asyncio.CancelledError:
             raise
         except Exception:  # the store is unreachable for long: the lease lapses and another driver resumes
@@ -114,14 +141,19 @@ class JobDriver:
             self._tasks.pop(job_id, None)
             self._aborts.pop(job_id, None)
             self._views.pop(job_id, None)
+            self.metrics.set_in_flight(len(self._tasks))
 
-    async def _attempt(self, job_id: str) -> bool:
-        """Run one attempt; True to run another."""
-        job = await call(self.store, "begin_attempt", job_id, self.owner, self.watchdog.lease_s)
+    async def _attempt(self, job_id: str, begun: dict[str, Any] | None = None) -> bool:
+        """Run one attempt (`begun`: its record when the store began it already, at create); True to run another."""
+        job = begun or await call(self.store, "begin_attempt", job_id, self.owner, self.watchdog.lease_s)
         if job is None:
             return False
         self._views[job_id] = job
         attempt, request = job["attempt"], job["request"]
+        policy, created_at = request["generation"].get("switch"), job["created_at"]
+
+        def ended(status: str, reason: Any = None) -> None:
+            self.metrics.ended(status, reason, policy, max(0.0, time.time() - created_at))
         msg = StageMessage(job_id, attempt, GenerationRequest.model_validate(request["generation"]),
                            request["fps"], request.get("save_frames", False))
         abort = asyncio.get_running_loop().create_future()
@@ -137,23 +169,35 @@ class JobDriver:
             return True
         except JobCancelled as err:  # deleted by a user, or superseded (then the store leaves the record alone)
             if await call(self.store, "mark_cancelled", job_id, describe(err)):
+                ended("cancelled", "cancelled")
                 await self._cancelled(job_id)
             return False
         except JobTimedOut as err:
-            await call(self.store, "fail", job_id, attempt, "timeout", str(err))
+            if await call(self.store, "fail", job_id, attempt, "timeout", str(err)):
+                ended("failed", "timeout")
             return False
         except Exception as err:
             await cancel_all(responses)
             if not is_replica_loss(err):
-                await call(self.store, "fail", job_id, attempt, "generation_failed", describe(err))
+                if await call(self.store, "fail", job_id, attempt, "generation_failed", describe(err)):
+                    ended("failed", err)
                 return False
             logger.warning("job %s attempt %d lost a replica: %s", job_id, attempt, describe(err))
             verdict = await call(self.store, "retry_or_fail", job_id, attempt, describe(err), self.max_retries)
+            if verdict == "retry":
+                self.metrics.retried(err)
+            elif verdict in ("failed", "cancelled"):
+                ended(verdict, "retries_exhausted" if verdict == "failed" else "cancelled")
             if verdict == "cancelled":
                 await self._cancelled(job_id)
             return verdict == "retry"
-        if await call(self.store, "complete", job_id, attempt, result) == "deleted":
+        outcome = await call(self.store, "complete", job_id, attempt, result)
+        if outcome == "deleted":
+            ended("cancelled", "cancelled")
             await self._cancelled(job_id)  # deleted while finishing: drop what Decode wrote
+        elif outcome == "completed":
+            self.metrics.completed(policy, created_at, result)
+            self._finished[job_id] = (time.monotonic(), None)  # the next read fetches the final record once
         return False
 
     def _submit(self, msg: StageMessage) -> list[Any]:

@@ -13,23 +13,24 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from srserve.api.protocol import (
-    VARIANTS, ApiError, ModelInfo, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
+    VARIANTS, ApiError, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
 )
 from srserve.api.routes import create_app
+from srserve.pipeline.card import ModelCard, model_card
+from srserve.pipeline.spec import resolve_model_spec
 from srserve.serving.args import AppArgs
 from srserve.serving.artifacts import ArtifactStore
 from srserve.serving.calls import call, describe
 from srserve.serving.driver import JobDriver
-from srserve.serving.messages import handoff_loads
+from srserve.serving.logs import install_job_filter
+from srserve.serving.messages import HandoffProbe
+from srserve.serving.metrics import JobMetrics, refusal_reason
 
-def model_info(engine: Any, name: str | None) -> ModelInfo:
-    """What requests are checked against, from a weightless engine (configs only)."""
-    family, spec = engine.family, engine.spec
-    d = family.defaults
-    return ModelInfo(name=name or spec.name, fps=spec.fps, default_num_frames=d.num_frames,
-                     default_height=d.height, default_width=d.width, default_steps=d.num_inference_steps,
-                     default_switch=spec.default_switch, frame_stride=family.vae_scale_temporal,
-                     size_multiple=family.vae_scale_spatial * 2)
+
+def model_info(args: AppArgs) -> ModelCard:
+    """The card requests are checked against, from the spec's JSON configs: no engine, no torch. Whether the
+    attention backend is installed is the stage replicas' to check (they run the model; this pod does not)."""
+    return model_card(resolve_model_spec(args.model, check_backend=False), args.model_name)
 
 
 def to_video(job: dict[str, Any]) -> Video:
@@ -58,54 +59,50 @@ class _Content:
 
 
 @serve.ingress()
-class Ingress:
+class Ingress(HandoffProbe):
     async def __init__(self, store: Any, stages: dict[str, Any], args: dict[str, Any]) -> None:
         """`stages`: the handles a job goes through, in order (encode, sketch, render, decode; or colocated)."""
-        from srserve.pipeline.engine import SREngine
-        from srserve.pipeline.switch import parse_policy
-        from srserve.serving.stages import resolve_spec
-
         self.args = AppArgs.model_validate(args)
-        self.engine = SREngine.load(resolve_spec(self.args.model), roles=())  # configs only, no weights
-        self.model = model_info(self.engine, self.args.model_name)
-        self.parse_policy = parse_policy
+        self.model = model_info(self.args)
+        install_job_filter()
+        self.jobs = JobMetrics(self.model.name)
         self.store = store
         self.artifacts = ArtifactStore(self.args.artifacts_url)
         # By reference: a stage's response reaches the next stage as an object ref, never resolved here.
         stages = {name: handle.options(_by_reference=True) for name, handle in stages.items()}
         self.owner = serve.get_replica_context().replica_id.unique_id
         self.driver = JobDriver(store, stages, self.owner, self.args.watchdog, self.args.max_retries,
-                                self.args.retry_after_s, on_cancelled=self._drop_artifacts)
+                                self.args.retry_after_s, on_cancelled=self._drop_artifacts, metrics=self.jobs)
         self.driver.start()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self, title=f"srserve ({self.model.name})")
+        return create_app(self, title=f"srserve ({self.model.name})", on_refused=self._refused)
 
     async def __del__(self) -> None:
         await self.driver.stop()
 
     # --- VideoService -------------------------------------------------------------------------------------
     async def create(self, body: VideoCreateBody) -> Video:
-        resolved = resolve_create(body, self.model, self.args.limits, self.parse_policy)
-        try:
-            self.engine.resolve(resolved.generation)
-        except ValueError as err:
-            param = str(err).split(" ", 1)[0].strip(":")
-            raise ApiError(422, str(err), param=param, code="invalid_value") from None
+        resolved = resolve_create(body, self.model, self.args.limits)
         now, job_id = time.time(), f"video_{uuid.uuid4().hex}"
         request = {**resolved.model_dump(mode="json"), "save_frames": self.args.save_frames_npy}
         record = {"id": job_id, "created_at": now, "model": resolved.model, "request": request,
                   "owner": self.owner, "lease_until": now + self.args.watchdog.lease_s}
-        created = await call(self.store, "create", record, self.args.max_pending_jobs)
+        created = await call(self.store, "create", record, self.args.max_pending_jobs, self.args.watchdog.lease_s)
         if created is None:
             raise ApiError(429, f"too many jobs in flight (max_pending_jobs={self.args.max_pending_jobs}); "
                                 f"retry after {self.args.retry_after_s}s", code="queue_full",
                            type="rate_limit_error", headers={"Retry-After": str(self.args.retry_after_s)})
-        self.driver.drive(job_id)
+        self.jobs.created(resolved.generation.switch)
+        self.driver.drive(job_id, created)
         return to_video(created)
 
+    def _refused(self, status: int, code: str | None) -> None:
+        """A POST /v1/videos answered with an error (the API's error handlers call this)."""
+        self.jobs.refused(refusal_reason(status, code))
+
     async def retrieve(self, video_id: str) -> Video:
-        job = await call(self.store, "get", video_id)
+        job = await self._read(video_id)
         if job is None:
             raise not_found(video_id)
         return to_video(job)
@@ -118,6 +115,7 @@ class Ingress:
 
     async def delete(self, video_id: str) -> VideoDeleted:
         before = await call(self.store, "delete", video_id)
+        self.driver.forget(video_id)
         if before is None:
             raise not_found(video_id)
         if before["status"] in ("completed", "failed", "cancelled"):
@@ -125,7 +123,7 @@ class Ingress:
         return VideoDeleted(id=video_id)
 
     async def content(self, video_id: str, variant: str) -> _Content:
-        job = await call(self.store, "get", video_id)
+        job = await self._read(video_id)
         if job is None:
             raise not_found(video_id)
         if job["status"] != "completed":
@@ -162,10 +160,13 @@ class Ingress:
                            headers={"Retry-After": "1"})
         return {"status": "ready", "model": self.model.name, "deployments": statuses}
 
-    # --- for operators and tests (handle calls, not HTTP) -------------------------------------------------
-    def handoff_loads(self) -> int:
-        """StageMessages this ingress process deserialised: zero by design."""
-        return handoff_loads()
+    async def _read(self, video_id: str) -> dict[str, Any] | None:
+        """A video's record: from this replica's driver when it runs (or just ran) the job, else the store."""
+        job = self.driver.view(video_id)
+        if job is None:
+            job = await call(self.store, "get", video_id)
+            self.driver.remember(job)
+        return job
 
     async def _drop_artifacts(self, job_id: str) -> None:
         await asyncio.to_thread(self.artifacts.delete, job_id)

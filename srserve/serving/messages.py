@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +32,16 @@ class JobCancelled(RuntimeError):
 
 
 class HandoffProbe:
-    """Mixin for deployments: `handoff_loads()` tells how many StageMessages this process deserialised."""
+    """Mixin for deployments, for tests and operators: how many StageMessages this process deserialised, and
+    whether it imported a module (the ingress must load neither a handoff state nor torch)."""
 
     loads = 0
 
     def handoff_loads(self) -> int:
         return HandoffProbe.loads
+
+    def has_imported(self, module: str) -> bool:
+        return module in sys.modules
 
 
 @dataclass(frozen=True)

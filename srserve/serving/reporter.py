@@ -1,8 +1,8 @@
 """How stage replicas tell the JobStore what their jobs are doing, at a cost that follows time, not steps.
 
 A `Reporter` (one per replica process) collects stage events: start and end of a stage, and the latest
-progress of each running job (every denoising step overwrites the last). Every `interval_s`, when it holds
-any, it sends them all in one `store.report(events)` call, whose answer names the jobs that must stop (a
+progress of each running job (every denoising step overwrites the last). Every `interval_s`, while it holds
+any or runs a job, it sends them all in one `store.report(events)` call, whose answer names the jobs that must stop (a
 DELETE, or a superseded attempt): their `Watch` is set, and the denoising loop stops them at the next step
 boundary. So a replica makes at most one store call per interval whatever its batch size and step rate, and a
 DELETE stops a running stage within about one interval plus one step.
@@ -33,6 +33,7 @@ class Watch:
     def __init__(self, reporter: "Reporter", job_id: str, attempt: int, stage: str) -> None:
         self.reporter, self.job_id, self.attempt, self.stage = reporter, job_id, attempt, stage
         self.stop = threading.Event()
+        self.first_step_at: float | None = None  # wall clock of the first step done (time to first progress)
 
     @property
     def key(self) -> str:
@@ -40,6 +41,8 @@ class Watch:
 
     def on_step(self, step: int, num_steps: int) -> None:
         """Called by the denoising thread after each step: cheap, no I/O."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
         self.reporter.progress(self, step, num_steps)
 
     def should_cancel(self) -> bool:
@@ -81,6 +84,10 @@ class Reporter:
     async def flush(self) -> None:
         with self._lock:
             events = self._events + list(self._progress.values())
+            # A running request with no news (a step longer than the interval) still asks whether to stop,
+            # without touching its heartbeat: a stuck step must still look silent to the watchdog.
+            events += [stage_event("watch", w.job_id, w.attempt, w.stage) for key, w in self._watches.items()
+                       if key not in self._progress]
             self._events, self._progress = [], {}
         if not events:
             return

@@ -4,17 +4,25 @@ on it, the URL printed, and a clean stop on Ctrl-C or SIGTERM.
 CONFIG is a Ray Serve config file (the `serve run CONFIG` format: `applications:` with `import_path` and
 `args:`); without one, the default `AppArgs` (bundled model) are served. `--address` joins a running cluster
 instead, whose nodes must then advertise the pool resources themselves (as KubeRay worker groups do).
+
+Metrics: it prints each node's metrics endpoint (Ray's metrics agent: `ray_serve_*` and srserve's
+`ray_srserve_*`); `--metrics-port` fixes the local node's, and a local cluster served on a loopback host exports
+them on loopback only. `--prometheus` also runs Prometheus (Debian's `prometheus` binary) scraping them, on
+`--prometheus-port`, with its data in a temporary directory; the dashboards are in deployments/monitoring/.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
+import os
+import shutil
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -29,7 +37,52 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local cluster")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs of the local cluster")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Ray's metrics export port on the local cluster (default: a free one, printed)")
+    parser.add_argument("--prometheus", action="store_true",
+                        help="also run Prometheus, scraping this cluster's metrics (needs the prometheus binary)")
+    parser.add_argument("--prometheus-port", type=int, default=9090, help="Prometheus' port (default 9090)")
     return parser.parse_args(argv)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def metrics_endpoints(nodes: list[dict[str, Any]]) -> list[str]:
+    """host:port of every live node's metrics agent (from `ray.nodes()`)."""
+    return [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in nodes
+            if n.get("Alive") and n.get("MetricsExportPort")]
+
+
+def start_prometheus(targets: list[str], port: int) -> Any:
+    """Prometheus on 127.0.0.1:`port` scraping `targets` every 5 s."""
+    from srserve.serving.prom import PrometheusServer, scrape_config
+
+    return PrometheusServer(scrape_config(targets, interval_s=5.0), port=port).start()
+
+
+@contextlib.contextmanager
+def loopback_node(enabled: bool) -> Iterator[None]:
+    """While Ray starts a local node: make its IP loopback, so that its metrics agent listens on loopback only.
+    Ray offers no bind address for it: it binds loopback when the node IP is loopback, else all interfaces, and on
+    Linux the node IP is loopback only under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads at import (done
+    by now), hence the constant too. Both get their old values back; without that constant, nothing changes."""
+    from ray._private import ray_constants
+
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    env_before, const_before = os.environ.get(name), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if enabled and const_before is not None:
+        os.environ[name] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if enabled and const_before is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = const_before
+            if env_before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = env_before
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -71,18 +124,40 @@ def serve_main(argv: list[str] | None = None) -> int:
     http = config.get("http_options") or {}
     host, port = opts.host or http.get("host", "127.0.0.1"), opts.port or int(http.get("port", 8000))
 
+    if opts.prometheus:
+        from srserve.serving.prom import MISSING_PROMETHEUS
+
+        if not shutil.which("prometheus"):
+            print(f"srserve serve --prometheus: {MISSING_PROMETHEUS}", file=sys.stderr)
+            return 2
+
+    # Serve's replicas and routers flush their cached metrics every 100 ms by default: a 10 Hz loop in every
+    # process that costs the control plane ~5 ms of CPU per second per replica here. Once a second is plenty for
+    # a 15 s Prometheus scrape. Set before Ray starts, so the local cluster's workers inherit it.
+    os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
     import ray
     from ray import serve
 
     stop = threading.Event()
     previous: dict[int, Any] = {}
+    prometheus = None
     try:
         if opts.address:
             ray.init(address=opts.address, include_dashboard=False)
         else:
-            ray.init(num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, resources=resources, include_dashboard=False)
+            with loopback_node(host in LOOPBACK):
+                # address="local": a new cluster, never one found through RAY_ADDRESS or a `ray start` here
+                ray.init(address="local", num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, resources=resources,
+                         include_dashboard=False, _metrics_export_port=opts.metrics_port)
         # After ray.init, which installs its own SIGTERM handler (it aborts the process).
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        targets = metrics_endpoints(ray.nodes())
+        print("srserve: metrics (Ray's metrics agent: ray_serve_*, ray_srserve_*) at "
+              + ", ".join(f"http://{t}/metrics" for t in targets), flush=True)
+        if opts.prometheus:
+            prometheus = start_prometheus(targets, opts.prometheus_port)
+            print(f"srserve: Prometheus at {prometheus.url} (scraping {', '.join(targets)}; "
+                  "Grafana dashboards: deployments/monitoring/)", flush=True)
         serve.start(http_options={"host": host, "port": port})
         for app in config["applications"]:
             builder = import_builder(app["import_path"])
@@ -99,6 +174,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"srserve serve: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()

@@ -72,8 +72,9 @@ def run_table(model: str | None, count: int, steps: int | None, policies: list[s
 
     from srserve.pipeline.engine import SREngine
     from srserve.pipeline.spec import resolve_model_spec
+    from srserve.tiny import default_model_path
 
-    spec = resolve_model_spec(model)
+    spec = resolve_model_spec(model or default_model_path())
     engine = SREngine.load(spec)
     steps = steps or engine.family.defaults.num_inference_steps
     policies = policies or default_policies(steps, str(spec.default_switch or "adaptive"))
@@ -141,13 +142,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(doc: Path, table: str, command: str) -> None:
-    block = f"{MARK_START}\nRegenerate with `{command}`.\n\n{table}\n{MARK_END}"
+def write_doc(doc: Path, table: str, command: str, marks: tuple[str, str] = (MARK_START, MARK_END),
+              heading: str = "Quality table") -> None:
+    """Replace the block between `marks` in `doc` (appended under `heading` the first time)."""
+    start, end = marks
+    block = f"{start}\nRegenerate with `{command}`.\n\n{table}\n{end}"
     text = doc.read_text() if doc.exists() else ""
-    if MARK_START in text:
-        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: block, text, flags=re.S)
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text += f"\n## Quality table\n\n{block}\n"
+        text += f"\n## {heading}\n\n{block}\n"
     doc.write_text(text)
 
 

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from srserve.config import CacheConfig, GenerationRequest, ModelSpec
+from srserve.config import GenerationRequest, ModelSpec
+from srserve.pipeline.families.registry import role_path  # torch-free home (spec checks use it)
 from srserve.pipeline.handoff import PromptEmbeddings
 
 ROLES = ("encode", "sketch", "render", "decode")
@@ -37,6 +38,7 @@ class StepInput:
     sigma: float | None
     embeddings: PromptEmbeddings
     guidance_scale: float
+    key: str  # the request's key in its batch: names its step-cache state
 
 
 class Family(Protocol):
@@ -44,6 +46,7 @@ class Family(Protocol):
     spec: ModelSpec
     defaults: Defaults
     num_train_timesteps: int
+    transformers: dict[str, torch.nn.Module]  # the loaded roles' models
 
     def encode(self, prompt: str, negative_prompt: str, max_sequence_length: int,
                guidance_scale: float) -> PromptEmbeddings: ...
@@ -54,26 +57,13 @@ class Family(Protocol):
 
     def predict(self, role: str, batch: list[StepInput]) -> list[torch.Tensor]: ...
 
-    def scheduler_step(self, scheduler: Any, output: torch.Tensor, step: StepInput, extras: dict[str, Any],
+    def scheduler_step(self, scheduler: Any, output: torch.Tensor, step: StepInput, family_state: dict[str, Any],
                        generator: torch.Generator) -> torch.Tensor: ...
 
     def enter_role(self, role: str, latents: torch.Tensor, scheduler: Any, step_index: int,
-                   extras: dict[str, Any]) -> tuple[torch.Tensor, Any]: ...
+                   family_state: dict[str, Any]) -> tuple[torch.Tensor, Any]: ...
 
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...
-
-
-def role_path(spec: ModelSpec, role: str) -> str:
-    """Directory of the transformer a role runs."""
-    if role == "sketch":
-        return spec.sketch_transformer or os.path.join(spec.base_path, "transformer")
-    if role == "render":
-        if spec.render_transformer:
-            return spec.render_transformer
-        # A CogVideoX pair names the small model's own diffusers directory; Wan2.2 layouts use transformer_2.
-        base = spec.render_base_path or spec.base_path
-        return os.path.join(base, "transformer" if spec.render_base_path else "transformer_2")
-    raise ValueError(f"role {role!r} has no transformer")
 
 
 def load_transformer(cls: Any, spec: ModelSpec, role: str, supports_backend: bool) -> torch.nn.Module:
@@ -83,25 +73,10 @@ def load_transformer(cls: Any, spec: ModelSpec, role: str, supports_backend: boo
         model.set_attention_backend(spec.attention_backend)
     cache = spec.sketch_cache if role == "sketch" else spec.render_cache
     if cache is not None:
-        layers = getattr(model.config, "num_layers", 2)
-        if cache.kind == "first_block" and layers < 2:
-            raise ValueError(f"{role}_cache: FirstBlockCache needs a transformer with >= 2 blocks, it has {layers}")
-        model.enable_cache(cache_config(cache))
+        from srserve.pipeline.caches import StepCache
+
+        StepCache.attach(model, cache, f"{role}_cache")
     return model
-
-
-def cache_config(cache: CacheConfig) -> Any:
-    from diffusers import FirstBlockCacheConfig
-
-    if cache.kind == "first_block":
-        return FirstBlockCacheConfig(threshold=cache.threshold)
-    raise ValueError(f"unknown cache kind {cache.kind!r}")
-
-
-def reset_cache(model: torch.nn.Module) -> None:
-    """Step-skipping caches keep per-request state; a new request (or a new batch) starts clean."""
-    if getattr(model, "_cache_config", None) is not None:
-        model._reset_stateful_cache()
 
 
 def step_accepts_generator(scheduler: Any) -> bool:

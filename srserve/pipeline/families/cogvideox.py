@@ -5,16 +5,17 @@ Mirrors diffusers' `CogVideoXPipeline` step for step, so that a run here equals 
 
 CogVideoX-5b (sketch) and -2b (render) share T5 and VAE weights but not the VAE `scaling_factor` (0.7 vs
 1.15258426) nor the schedule (`snr_shift_scale` 1.0 vs 3.0). The latents therefore live in one of three spaces,
-recorded in `extras["space"]`: "sketch" or "render" (that model's scaled latents at that model's noise level),
+recorded in `family_state["space"]`: "sketch" or "render" (that model's scaled latents at that model's noise level),
 or "vae" (clean, unscaled: the last step divides by the scaling factor, as `decode_latents` does, so that
 decoding never depends on which model ran last). Crossing from sketch to render re-times the latents with
-`retime_latents`, using the last step's x0 prediction kept in `extras["pred_original_sample"]` (which is also
+`retime_latents`, using the last step's x0 prediction kept in `family_state["pred_original_sample"]` (which is also
 the DPM solver's `old_pred_original_sample`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-import json
 import math
 import os
 from types import SimpleNamespace
@@ -24,9 +25,12 @@ import numpy as np
 import torch
 
 from srserve.config import GenerationRequest, ModelSpec
+from srserve.pipeline.caches import step_cache
+from srserve.pipeline.card import model_card
 from srserve.pipeline.families.base import (
-    DTYPES, Defaults, StepInput, load_transformer, read_json, reset_cache, role_path, stack,
+    DTYPES, Defaults, StepInput, load_transformer, read_json, role_path, stack, step_accepts_generator,
 )
+from srserve.pipeline.families.registry import COGVIDEOX
 from srserve.pipeline.handoff import PromptEmbeddings
 
 X0 = "pred_original_sample"
@@ -34,13 +38,10 @@ X0 = "pred_original_sample"
 
 class CogVideoXFamily:
     name = "cogvideox"
-    supports_attention_backends = False
 
     def __init__(self, spec: ModelSpec, roles: tuple[str, ...]) -> None:
         from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
         from diffusers.video_processor import VideoProcessor
-
-        from srserve.pipeline.spec import ModelSpecError
 
         self.spec = spec
         self.device = torch.device(spec.device)
@@ -56,27 +57,21 @@ class CogVideoXFamily:
         self.scaling = {"sketch": float(self.vae_config.get("scaling_factor", 1.15258426)),
                         "render": float(render_vae.get("scaling_factor", 1.15258426))}
         self.transformer_configs = {r: read_json(role_path(spec, r), "config.json") for r in ("sketch", "render")}
-        lengths = {r: c.get("max_text_seq_length", 226) for r, c in self.transformer_configs.items()}
-        if lengths["sketch"] != lengths["render"]:
-            raise ModelSpecError(f"sketch and render transformers differ in max_text_seq_length: {lengths}")
         # The text length is the model's, not the request's: sincos position embeddings (2B) fix it, and the
-        # diffusers default (226) is what both checkpoints were trained with.
-        self.text_seq_len = int(lengths["sketch"])
+        # diffusers default (226) is what both checkpoints were trained with. The spec check makes both equal.
+        self.text_seq_len = int(self.transformer_configs["sketch"].get("max_text_seq_length", 226))
         self.num_train_timesteps = int(self.scheduler_configs["sketch"].get("num_train_timesteps", 1000))
-        self.vae_scale_spatial = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
-        self.vae_scale_temporal = int(self.vae_config.get("temporal_compression_ratio", 4))
+        self.vae_scale_temporal, self.vae_scale_spatial = COGVIDEOX.vae_scales(self.vae_config)
         self.latent_channels = int(self.transformer_configs["sketch"].get("in_channels", 16))
-        self.defaults = Defaults(
-            num_frames=spec.default_num_frames or 49,
-            height=spec.default_height or 480,
-            width=spec.default_width or 720,
-            num_inference_steps=spec.default_steps or 50,
-        )
+        card = model_card(spec)  # the defaults requests are resolved with
+        self.defaults = Defaults(card.default_num_frames, card.default_height, card.default_width,
+                                 card.default_steps)
         self.transformers: dict[str, torch.nn.Module] = {}
         self._input_schedulers: dict[str, Any] = {}
         for role in ("sketch", "render"):
             if role in roles:
-                self.transformers[role] = load_transformer(CogVideoXTransformer3DModel, spec, role, False)
+                self.transformers[role] = load_transformer(CogVideoXTransformer3DModel, spec, role,
+                                                           COGVIDEOX.attention_backends)
                 self._input_schedulers[role] = self.new_scheduler(role)
         self._rotary: dict[tuple, Any] = {}
         self.tokenizer = self.text_encoder = self.vae = None
@@ -143,6 +138,9 @@ class CogVideoXFamily:
     def predict(self, role: str, batch: list[StepInput]) -> list[torch.Tensor]:
         """Guided model output per request; CFG batched as diffusers does: [uncond..., cond...] in one forward."""
         model = self.transformers[role]
+        cache = step_cache(model)
+        if cache is not None and len(batch) != 1:
+            raise ValueError(f"the {role} model has a step cache: it steps one request at a time, got {len(batch)}")
         first = batch[0]
         cfg = first.embeddings.negative_prompt_embeds is not None
         sched = self._input_schedulers[role]
@@ -152,8 +150,10 @@ class CogVideoXFamily:
         if cfg:
             embeds = torch.cat([stack([s.embeddings.negative_prompt_embeds for s in batch]), embeds])
             latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
-        context = {"step_index": first.step_index, "num_inference_steps": first.num_steps}
-        with model.cache_context("cond_uncond", **context):
+        # the cache's state is the request's own (named by its batch key), at its own global step
+        scope = contextlib.nullcontext() if cache is None else cache.context(
+            first.key, "cond_uncond", first.step_index, first.num_steps, first.timestep, first.sigma)
+        with scope:
             out = model(hidden_states=latents, encoder_hidden_states=embeds.to(self.device, self.dtype),
                         timestep=timestep, image_rotary_emb=self._rotary_embeds(role, latents),
                         return_dict=False)[0]
@@ -169,35 +169,33 @@ class CogVideoXFamily:
         n, t = step.num_steps, step.timestep.item()  # diffusers' formula, timestep and all
         return 1 + step.guidance_scale * ((1 - math.cos(math.pi * ((n - t) / n) ** 5.0)) / 2)
 
-    def scheduler_step(self, scheduler: Any, output: torch.Tensor, step: StepInput, extras: dict[str, Any],
+    def scheduler_step(self, scheduler: Any, output: torch.Tensor, step: StepInput, family_state: dict[str, Any],
                        generator: torch.Generator) -> torch.Tensor:
-        params = inspect.signature(scheduler.step).parameters
+        params = _step_parameters(type(scheduler))
         kwargs: dict[str, Any] = {"eta": 0.0} if "eta" in params else {}
-        if "generator" in params:
+        if step_accepts_generator(scheduler):
             kwargs["generator"] = generator
         if "old_pred_original_sample" in params:  # CogVideoXDPMScheduler: DPM-Solver++(2M), noise every step
             i = step.step_index
             back = scheduler.timesteps[i - 1] if i > 0 else None
-            out = scheduler.step(output, extras.get(X0), step.timestep, back, step.latents, return_dict=False,
+            out = scheduler.step(output, family_state.get(X0), step.timestep, back, step.latents, return_dict=False,
                                  **kwargs)
         else:
             out = scheduler.step(output, step.timestep, step.latents, return_dict=False, **kwargs)
         latents = out[0].to(self.dtype)
-        extras[X0] = out[1] if len(out) > 1 else None
+        family_state[X0] = out[1] if len(out) > 1 else None
         if step.step_index == step.num_steps - 1:  # clean: leave the model's scaled space (decode_latents)
-            latents = 1 / self.scaling[extras["space"]] * latents
-            extras["space"] = "vae"
+            latents = 1 / self.scaling[family_state["space"]] * latents
+            family_state["space"] = "vae"
         return latents
 
     def enter_role(self, role: str, latents: torch.Tensor, scheduler: Any, step_index: int,
-                   extras: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        if role in self.transformers:
-            reset_cache(self.transformers[role])
+                   family_state: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         if role not in ("sketch", "render"):
             return latents, scheduler
-        if extras.get(X0) is not None:
-            extras[X0] = extras[X0].to(self.device)
-        space = extras.get("space")
+        if family_state.get(X0) is not None:
+            family_state[X0] = family_state[X0].to(self.device)
+        space = family_state.get("space")
         if space in (role, "vae"):  # already there, or done
             return latents, scheduler
         target = scheduler if space is None and role == "sketch" else self._scheduler_like(role, scheduler)
@@ -207,13 +205,13 @@ class CogVideoXFamily:
             latents = (latents / scheduler.init_noise_sigma * target.init_noise_sigma).to(self.dtype)
         else:
             scale = self.scaling[role] / self.scaling[space]
-            x0 = extras.get(X0)
+            x0 = family_state.get(X0)
             if x0 is None:
                 raise ValueError(f"cannot move step-{step_index} latents from {space} to {role}: no x0 prediction")
             latents = retime_latents(latents, x0, noise_level(scheduler, step_index),
                                      noise_level(target, step_index), scale).to(self.dtype)
-            extras[X0] = x0 if scale == 1.0 else x0 * scale
-        extras["space"] = role
+            family_state[X0] = x0 if scale == 1.0 else x0 * scale
+        family_state["space"] = role
         return latents, target
 
     def _scheduler_like(self, role: str, scheduler: Any) -> Any:
@@ -258,24 +256,10 @@ def retime_latents(x: torch.Tensor, x0: torch.Tensor, alpha_src: float, alpha_ds
     return (math.sqrt(alpha_dst) * scale * x0 + math.sqrt(1.0 - alpha_dst) * eps).float()
 
 
-def validate_render_vae(spec: ModelSpec, base_vae_config: dict[str, Any]) -> None:
-    """ModelSpecError unless the render model's VAE (if given) is the base VAE but for `scaling_factor`."""
-    from srserve.pipeline.spec import ModelSpecError
-
-    if spec.render_base_path is None:
-        return
-    path = os.path.join(spec.render_base_path, "vae", "config.json")
-    if not os.path.isfile(path):
-        raise ModelSpecError(f"render_base_path {spec.render_base_path!r}: {path} does not exist")
-    try:
-        render = read_json(path)
-    except json.JSONDecodeError as err:
-        raise ModelSpecError(f"render_base_path: {path} is not valid JSON: {err}") from None
-    keys = (set(render) | set(base_vae_config)) - {"scaling_factor"}
-    differ = sorted(k for k in keys if not k.startswith("_") and render.get(k) != base_vae_config.get(k))
-    if differ:
-        raise ModelSpecError(f"the render VAE ({path}) differs from the base VAE in {differ}; sketch and render "
-                             f"must share the VAE (only scaling_factor may differ)")
+@functools.cache
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    # Asked once per denoising step: inspect the class once (as step_accepts_generator does).
+    return frozenset(inspect.signature(scheduler_class.step).parameters)
 
 
 def _read_json_or(default: dict[str, Any], *parts: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Mirrors diffusers' `WanPipeline` step for step, so that a run here equals a run 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -11,15 +12,17 @@ import numpy as np
 import torch
 
 from srserve.config import GenerationRequest, ModelSpec
+from srserve.pipeline.card import model_card
+from srserve.pipeline.caches import StepCache, step_cache
 from srserve.pipeline.families.base import (
-    DTYPES, Defaults, StepInput, load_transformer, read_json, reset_cache, stack, step_accepts_generator,
+    DTYPES, Defaults, StepInput, load_transformer, read_json, stack, step_accepts_generator,
 )
+from srserve.pipeline.families.registry import WAN
 from srserve.pipeline.handoff import PromptEmbeddings
 
 
 class WanFamily:
     name = "wan"
-    supports_attention_backends = True
 
     def __init__(self, spec: ModelSpec, roles: tuple[str, ...]) -> None:
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -30,19 +33,15 @@ class WanFamily:
         self.scheduler_config = read_json(spec.base_path, "scheduler", "scheduler_config.json")
         self.vae_config = read_json(spec.base_path, "vae", "config.json")
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        self.vae_scale_temporal = int(self.vae_config.get("scale_factor_temporal", 4))
-        self.vae_scale_spatial = int(self.vae_config.get("scale_factor_spatial", 8))
+        self.vae_scale_temporal, self.vae_scale_spatial = WAN.vae_scales(self.vae_config)
         self.latent_channels = int(self.vae_config.get("z_dim", 16))
-        self.defaults = Defaults(
-            num_frames=spec.default_num_frames or 81,
-            height=spec.default_height or 480,
-            width=spec.default_width or 832,
-            num_inference_steps=spec.default_steps or 50,
-        )
+        card = model_card(spec)  # the defaults requests are resolved with
+        self.defaults = Defaults(card.default_num_frames, card.default_height, card.default_width,
+                                 card.default_steps)
         self.transformers: dict[str, torch.nn.Module] = {}
         for role in ("sketch", "render"):
             if role in roles:
-                self.transformers[role] = load_transformer(WanTransformer3DModel, spec, role, True)
+                self.transformers[role] = load_transformer(WanTransformer3DModel, spec, role, WAN.attention_backends)
         self.tokenizer = self.text_encoder = self.vae = None
         if "encode" in roles:
             from transformers import AutoTokenizer, UMT5EncoderModel
@@ -98,35 +97,52 @@ class WanFamily:
     def predict(self, role: str, batch: list[StepInput]) -> list[torch.Tensor]:
         """Guided model output for each request of a same-shape batch, in one forward per CFG branch."""
         model = self.transformers[role]
+        cache = step_cache(model)
+        if cache is not None and len(batch) != 1:
+            raise ValueError(f"the {role} model has a step cache: it steps one request at a time, got {len(batch)}")
         dtype = model.dtype
         latents = stack([s.latents for s in batch]).to(self.device, dtype)
         timestep = torch.stack([s.timestep for s in batch]).to(self.device)
-        first = batch[0]
-        context = {"step_index": first.step_index, "sigma": first.sigma, "num_inference_steps": first.num_steps}
         cond_embeds = stack([s.embeddings.prompt_embeds for s in batch]).to(self.device, dtype)
-        with model.cache_context("cond", **context):
-            cond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond_embeds,
-                         return_dict=False)[0]
         # at scale 1 the guided output is the conditional one: skip the unconditional pass (a render stage run
         # with guidance_scale_2=1 costs half)
-        if first.embeddings.negative_prompt_embeds is None or all(s.guidance_scale == 1.0 for s in batch):
+        guided = batch[0].embeddings.negative_prompt_embeds is not None and \
+            any(s.guidance_scale != 1.0 for s in batch)
+        uncond_embeds = stack([s.embeddings.negative_prompt_embeds for s in batch]).to(self.device, dtype) \
+            if guided else None
+        if cache is not None and cache.batches_cfg:
+            # FasterCache reads [uncond, cond] in one forward (it approximates one from the other); unguided, the
+            # conditional input stands in for the unconditional one
+            both = self._forward(model, cache, batch[0], "cfg", torch.cat([latents, latents]),
+                                 torch.cat([timestep, timestep]),
+                                 torch.cat([cond_embeds if uncond_embeds is None else uncond_embeds, cond_embeds]))
+            uncond, cond = both.chunk(2)
+        else:
+            cond = self._forward(model, cache, batch[0], "cond", latents, timestep, cond_embeds)
+            uncond = None if uncond_embeds is None else \
+                self._forward(model, cache, batch[0], "uncond", latents, timestep, uncond_embeds)
+        if not guided:
             return list(cond.split(1))
-        uncond_embeds = stack([s.embeddings.negative_prompt_embeds for s in batch]).to(self.device, dtype)
-        with model.cache_context("uncond", **context):
-            uncond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=uncond_embeds,
-                           return_dict=False)[0]
         return [u + s.guidance_scale * (c - u) for c, u, s in zip(cond.split(1), uncond.split(1), batch)]
 
-    def scheduler_step(self, scheduler: Any, output: torch.Tensor, step: StepInput, extras: dict[str, Any],
+    @staticmethod
+    def _forward(model: torch.nn.Module, cache: StepCache | None, step: StepInput, branch: str,
+                 latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        scope = contextlib.nullcontext() if cache is None else cache.context(
+            step.key, branch, step.step_index, step.num_steps, step.timestep, step.sigma)
+        with scope:
+            return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
+                         return_dict=False)[0]
+
+    def scheduler_step(self, scheduler: Any, output: torch.Tensor, step: StepInput, family_state: dict[str, Any],
                        generator: torch.Generator) -> torch.Tensor:
         kwargs = {"generator": generator} if step_accepts_generator(scheduler) else {}
         return scheduler.step(output, step.timestep, step.latents, return_dict=False, **kwargs)[0]
 
     def enter_role(self, role: str, latents: torch.Tensor, scheduler: Any, step_index: int,
-                   extras: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        # Wan2.1 14B and 1.3B share VAE, text encoder and schedule: the state passes unchanged.
-        if role in self.transformers:
-            reset_cache(self.transformers[role])
+                   family_state: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        # Wan2.1 14B and 1.3B share VAE, text encoder and schedule: the state passes unchanged. A step cache
+        # needs no reset: its state is per request (srserve.pipeline.caches).
         return latents, scheduler
 
     # --- decode -------------------------------------------------------------------------------------------

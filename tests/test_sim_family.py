@@ -1,0 +1,165 @@
+"""The simulated family: spec and checkpoint of configs, real-size states, time spent per the cost table, and the
+adaptive rule firing at the drawn switch step. No Ray, no weights (torch only for the tensors)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from srserve.pipeline.errors import ModelSpecError
+from srserve.pipeline.spec import resolve_model_spec
+from srserve.pipeline.switch import AdaptiveSwitch
+from srserve.sim.spec import BUNDLE_DIR, BUNDLES, SimSpec, checkpoint_files, load_sim_spec, write_sim_checkpoint
+
+BUNDLE = BUNDLE_DIR / "wan2.1-sim-h100-l40s"
+
+
+def test_shipped_bundles_are_what_the_writer_writes():
+    for name, sim in BUNDLES.items():
+        for rel, text in checkpoint_files(sim, name).items():
+            assert (BUNDLE_DIR / name / rel).read_text() == text, (name, rel)
+
+
+def test_spec_resolves_without_torch_and_names_the_family():
+    spec = resolve_model_spec(BUNDLE)
+    assert spec.family == "sim" and spec.name == "wan2.1-sim-h100-l40s"
+    sim = load_sim_spec(spec)
+    assert sim.gpu_for("sketch") == "h100" and sim.gpu_for("render") == sim.gpu_for("decode") == "l40s"
+    assert sim.model_for("encode") == "umt5-xxl"
+
+
+def test_bad_sim_settings_fail_as_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="GPU"):
+        SimSpec(render_gpu="tpu-v5")
+    with pytest.raises(ValueError, match="switch distribution"):
+        SimSpec(switch_distribution="nope")
+    with pytest.raises(ValueError, match="preview_size"):
+        SimSpec(preview_size=(15, 16))
+    path = write_sim_checkpoint(tmp_path / "sim", SimSpec(render_gpu="l4"))
+    (path / "sim.json").write_text(json.dumps({"sketch_gpu": "h100", "time_factor": -1}))
+    with pytest.raises(ModelSpecError, match="time_factor"):
+        resolve_model_spec(path)
+    (path / "sim.json").unlink()
+    with pytest.raises(ModelSpecError, match="sim.json"):
+        resolve_model_spec(path)
+    write_sim_checkpoint(path, SimSpec(sketch_model="wan2.1-t2v-1.3b"))  # sim.json says 1.3B, configs say 1.3B
+    resolve_model_spec(path)
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    (path / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 40}))
+    with pytest.raises(ModelSpecError, match="num_layers"):
+        resolve_model_spec(path)
+
+
+def _rule_switch(target: int, num_steps: int, threshold: float = 0.01, lo: int = 3, hi: int | None = None) -> int:
+    """Feed the real AdaptiveSwitch with the sim's outputs, computing the relative change in float32 as
+    DenoiseBatch does; the step it switches after."""
+    import torch
+
+    from srserve.pipeline.families.sim import SimFamily
+
+    rule = AdaptiveSwitch(threshold, lo, hi if hi is not None else num_steps)
+    prev = None
+    for i in range(num_steps):
+        out = torch.tensor([SimFamily._output(target, i)], dtype=torch.float32)
+        change = None if prev is None else float((out - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+        prev = out
+        if rule.observe(i, change):
+            return i + 1
+    return num_steps
+
+
+@pytest.mark.parametrize("num_steps", [20, 50, 200, 1000])
+def test_outputs_make_the_adaptive_rule_fire_at_the_target(num_steps):
+    for target in sorted({3, 4, 7, num_steps // 3, num_steps // 2, num_steps - 1}):
+        assert _rule_switch(target, num_steps) == target, target
+    assert _rule_switch(2, num_steps) == 3  # the rule needs two diffs: the earliest it can fire
+    assert _rule_switch(num_steps // 2, num_steps, lo=num_steps // 2 + 3) == num_steps // 2 + 3  # its min holds
+    assert _rule_switch(num_steps // 2, num_steps, hi=5) == 5  # a cap (max=) holds
+    assert _rule_switch(num_steps // 2, num_steps, threshold=0.02) == num_steps // 2
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from srserve.pipeline.engine import SREngine
+
+    e = SREngine.load(resolve_model_spec(BUNDLE))
+    slept: list[float] = []
+    e.family.sleep = slept.append
+    e.family.slept = slept
+    return e
+
+
+def test_states_have_the_real_size(engine):
+    from srserve.config import GenerationRequest
+
+    request = GenerationRequest(prompt="a red ball", seed=3)
+    embeddings = engine.encode(request)
+    assert tuple(embeddings.prompt_embeds.shape) == (1, 512, 4096)
+    assert str(embeddings.prompt_embeds.dtype) == "torch.bfloat16" and embeddings.negative_prompt_embeds is not None
+    state = engine.prepare(request, embeddings)
+    assert tuple(state.latents.shape) == (1, 16, 21, 60, 104)
+    assert state.nbytes() > 2 * 512 * 4096 * 2 + 16 * 21 * 60 * 104 * 4
+    assert state.scheduler_class == "UniPCMultistepScheduler" and state.num_steps == 50
+
+
+def test_generate_spends_the_tables_time_and_switches_where_drawn(engine):
+    from srserve.config import GenerationRequest
+    from srserve.sim.costs import default_table
+
+    fam, table = engine.family, default_table()
+    fam.slept.clear()
+    fam.simulated_seconds = dict.fromkeys(fam.simulated_seconds, 0.0)
+    switches = []
+    for seed in range(4):
+        request = engine.resolve(GenerationRequest(prompt="a red ball", seed=seed))
+        target = fam.target_switch(engine.prepare(request, None).latents, 50)
+        result = engine.generate(request)
+        assert result.switch_step == target
+        assert result.frames.shape == (81, 16, 16, 3)
+        switches.append(target)
+    assert len(set(switches)) > 1  # drawn per seed
+    k = sum(switches)
+    expected = {"encode": 4 * table.text_encode_seconds("l40s"),
+                "sketch": k * table.step_seconds("wan2.1-t2v-14b", "h100"),
+                "render": (200 - k) * table.step_seconds("wan2.1-t2v-1.3b", "l40s"),
+                "decode": 4 * table.vae_decode_seconds("l40s")}
+    for role, seconds in expected.items():
+        assert fam.simulated_seconds[role] == pytest.approx(seconds), role
+    assert sum(fam.slept) == pytest.approx(sum(expected.values()) * fam.sim.time_factor)
+
+
+def test_fixed_and_capped_policies_and_unguided_render(engine):
+    from srserve.config import GenerationRequest
+    from srserve.sim.costs import default_table
+
+    assert engine.generate(GenerationRequest(prompt="x", seed=0, switch="step:20")).switch_step == 20
+    assert engine.generate(GenerationRequest(prompt="x", seed=5, switch="adaptive:0.01:max=6")).switch_step <= 6
+    fam = engine.family
+    fam.simulated_seconds["render"] = 0.0
+    engine.generate(GenerationRequest(prompt="x", seed=0, switch="step:20", guidance_scale_2=1.0))
+    assert fam.simulated_seconds["render"] == pytest.approx(30 * default_table().step_seconds(
+        "wan2.1-t2v-1.3b", "l40s", guided=False))
+
+
+def test_a_batch_costs_what_the_table_says_for_its_size(engine):
+    from srserve.config import GenerationRequest
+    from srserve.pipeline.batch import DenoiseBatch
+    from srserve.sim.costs import default_table
+
+    fam = engine.family
+    batch = DenoiseBatch(fam, "render", max_batch_size=4)
+    for seed in range(3):
+        request = GenerationRequest(prompt="x", seed=seed, switch="step:48")
+        state = engine.prepare(request, engine.encode(request)).replace(step_index=48)
+        batch.add(f"r{seed}", state)
+    fam.simulated_seconds["render"] = 0.0
+    finished = {}
+    while batch:
+        finished.update(batch.step())
+    assert sorted(finished) == ["r0", "r1", "r2"] and all(s.done for s in finished.values())
+    assert fam.simulated_seconds["render"] == pytest.approx(2 * default_table().step_seconds(
+        "wan2.1-t2v-1.3b", "l40s", batch=3))
+    assert math.isfinite(fam.simulated_seconds["render"])
+    assert Path(fam.spec.base_path).name == "wan2.1-sim-h100-l40s"
