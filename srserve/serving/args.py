@@ -68,9 +68,16 @@ class StageOptions(BaseModel):
 
 
 # Each stage's own defaults, kept when a config sets only some fields. `pool: null` places without a pool.
+# Encode and Decode run one request at a time under their own lock; more than one may be assigned to a replica, so
+# waiting happens in the replica (cheap) rather than in every caller's router, which re-probes replicas for free
+# capacity while a request waits (seen: most of the ingress's CPU per request with a limit of 1).
+QUEUE_IN_REPLICA = 16
+
+
 class EncodeOptions(StageOptions):
     pool: str | None = "render_pool"
     pool_amount: float = Field(0.25, gt=0)
+    max_ongoing_requests: int | None = Field(QUEUE_IN_REPLICA, ge=1)
     prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept per replica (LRU)")
     embeddings_held: int = Field(64, ge=1, description="object-store copies of recent embeddings this replica "
                                  "holds for the denoising stages that read them (>= the jobs in flight)")
@@ -88,6 +95,7 @@ class RenderOptions(StageOptions):
 class DecodeOptions(StageOptions):
     pool: str | None = "render_pool"
     pool_amount: float = Field(0.25, gt=0)
+    max_ongoing_requests: int | None = Field(QUEUE_IN_REPLICA, ge=1)
 
 
 class ColocatedOptions(StageOptions):
