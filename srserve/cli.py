@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 GENERATE_EPILOG = """switch policies: none (large only), small-only, step:K, ratio:R,
 adaptive[:THRESHOLD][:min=K][:max=K] (SRDiffusion's self-diff rule; default threshold 0.01)"""
@@ -74,8 +74,11 @@ def run_generate(args: argparse.Namespace) -> int:
     except (ValidationError, ModelSpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    timer, steps = _step_timer()
     with tqdm(total=request.num_inference_steps, desc="denoising", unit="step", file=sys.stderr) as bar:
-        result = engine.generate(request, on_step=lambda i, n: bar.update(i - bar.n))
+        result = engine.generate(request, on_step=lambda i, n: (bar.update(i - bar.n), timer(i, n)))
+    if args.metrics_port is not None:
+        _record_run(spec.name, request.switch, result, steps)
     path = write_video(result.frames, args.out, fps=spec.fps)
     if args.json:
         print(json.dumps({
@@ -87,6 +90,33 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         print(path)
     return 0
+
+
+def _step_timer() -> tuple[Callable[[int, int], None], list[tuple[int, float]]]:
+    """An on_step callback noting (step, seconds since the previous step)."""
+    import time
+
+    steps: list[tuple[int, float]] = []
+    last = [time.perf_counter()]
+
+    def on_step(step: int, num_steps: int) -> None:
+        now = time.perf_counter()
+        steps.append((step, now - last[0]))
+        last[0] = now
+    return on_step, steps
+
+
+def _record_run(model: str, switch: str, result: Any, steps: list[tuple[int, float]]) -> None:
+    """The run's figures as a served job records them (stage "colocated": one process runs every role); a step is
+    the sketch's when it comes before the switch step, known once the run is over."""
+    from srserve.serving.metrics import JobMetrics, StageMetrics, policy_kind
+
+    stage = StageMetrics("colocated", model)
+    for step, seconds in steps:
+        stage.observe_step(seconds, 1, "sketch" if step <= result.switch_step else "render")
+    stage.observe_stage(result.timings["total_seconds"])
+    JobMetrics(model).ended("completed", policy=policy_kind(switch), seconds=result.timings["total_seconds"],
+                            switch_step=result.switch_step)
 
 
 def _forward(name: str, help_text: str, target: Callable[[], Callable[[list[str]], int]],

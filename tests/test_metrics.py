@@ -189,3 +189,26 @@ def test_refusal_reasons() -> None:
     assert metrics.refusal_reason(422, "invalid_value") == metrics.refusal_reason(400, "invalid_body") == "invalid"
     assert metrics.refusal_reason(503) == "not_ready" and metrics.refusal_reason(413) == "too_large"
     assert metrics.refusal_reason(500, "boom") == "other"
+
+
+def test_generate_with_metrics_port_exports_its_steps(tmp_path, capsys) -> None:
+    """`srserve generate --metrics-port`: an in-process run's steps, stage and job, scraped over HTTP."""
+    import urllib.request
+
+    from srserve.cli import main
+    from srserve.serving.prom import free_port, parse_exposition
+
+    port = free_port()
+    try:
+        assert main(["generate", "a red circle moving right", "--steps", "4", "--frames", "9", "--size", "32x32",
+                     "--switch", "step:1", "--out", str(tmp_path / "v.npy"), "--metrics-port", str(port)]) == 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        metrics.configure("auto")
+    samples = parse_exposition(text)
+    steps = {s.labels["role"]: s.value for s in samples if s.name == "ray_srserve_step_seconds_count"}
+    assert steps == {"sketch": 1.0, "render": 3.0}
+    ended = [s for s in samples if s.name == "ray_srserve_jobs_ended_total" and s.labels["status"] == "completed"]
+    assert ended and ended[0].value == 1.0
+    latency = [s for s in samples if s.name == "ray_srserve_job_seconds_count"]
+    assert latency and latency[0].labels["policy"] == "step" and latency[0].value == 1.0
