@@ -16,7 +16,7 @@ from ray import serve
 from srserve.serving.args import AppArgs
 from srserve.serving.colocated import Colocated
 from srserve.serving.ingress import Ingress
-from srserve.serving.jobs import JobStoreDeployment
+from srserve.serving.store_deployment import JobStoreDeployment
 from srserve.serving.stages import Decode, Encode, Render, Sketch
 
 DEPLOYMENTS = {"encode": Encode, "sketch": Sketch, "render": Render, "decode": Decode, "colocated": Colocated}

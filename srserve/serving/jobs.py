@@ -14,56 +14,13 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, TypeVar
 
-from pydantic import BaseModel, Field
+from srserve.serving.job_record import (  # noqa: F401  (the record's API, re-exported)
+    TERMINAL, JobRecord, StageRecord, Status, apply_events, finished, stage_progress, started)
 
-from srserve.serving.metrics import StoreMetrics
-
-Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
-TERMINAL = ("completed", "failed", "cancelled")
 ACTIVE_SQL = "status IN ('queued', 'in_progress')"
 T = TypeVar("T")
-
-
-class StageRecord(BaseModel):
-    start: float
-    end: float | None = None
-    replica: str
-    attempt: int
-    handoff: dict[str, float] | None = None  # bytes, serialize_s, transit_s, deserialize_s of the state received
-
-
-class JobRecord(BaseModel):
-    id: str
-    created_at: float
-    updated_at: float = 0.0
-    status: Status = "queued"
-    model: str
-    request: dict[str, Any]  # srserve.api.protocol.ResolvedRequest, dumped
-    progress: int = 0
-    stage: str | None = None  # the stage running now (None between stages)
-    stage_started_at: float | None = None
-    stage_replica: str | None = None
-    step: int = 0
-    num_steps: int = 0
-    attempt: int = 0  # pipeline submissions so far
-    failures: int = 0  # retriable failures so far (replica died, stage stalled, driver lost)
-    owner: str | None = None  # the driver (ingress replica) holding the lease
-    lease_until: float = 0.0
-    heartbeat_at: float | None = None
-    cancel_requested: bool = False
-    deleted: bool = False
-    stages: dict[str, StageRecord] = Field(default_factory=dict)
-    switch_step: int | None = None
-    error: dict[str, str] | None = None
-    history: list[str] = Field(default_factory=list)  # reasons of earlier failed attempts
-    artifacts: dict[str, str] = Field(default_factory=dict)
-    completed_at: float | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
 
 
 # Record fields kept in their own columns (the column is the truth; the JSON copy may be older).
@@ -86,15 +43,6 @@ class Keep:
 
     def __init__(self, value: Any) -> None:
         self.value = value
-
-
-def stage_progress(stage: str, step: int, num_steps: int, done: bool) -> int:
-    """encode 0-5, denoising 5-95 in proportion to steps, decode 95-100 (100 only once completed)."""
-    if stage == "encode":
-        return 5 if done else 0
-    if stage == "decode":
-        return 95
-    return 5 + (90 * step) // max(num_steps, 1)
 
 
 def _row(row: tuple) -> dict[str, Any]:
@@ -308,7 +256,7 @@ class SQLiteJobStore:
         def complete(job: JobRecord) -> Any:
             if job.attempt != attempt or job.terminal:
                 return Keep("stale")
-            self._apply(job, attempt, result.get("reports") or ())
+            apply_events(job, attempt, result.get("reports") or ())
             if job.cancel_requested:
                 if not job.deleted:
                     return Keep("stale")
@@ -364,8 +312,8 @@ class SQLiteJobStore:
                 last = [e for e in job_events if e["kind"] == "progress"][-1]
                 stopped = self.heartbeat(job_id, attempt, last["stage"], last["step"], last["num_steps"])
             else:
-                stopped = self._edit(job_id, lambda job, evs=job_events, a=attempt: self._apply(job, a, evs),
-                                     missing=True)
+                stopped = self._edit(job_id, lambda job, evs=job_events, a=attempt: Keep(True)
+                                     if job.attempt != a else apply_events(job, a, evs), missing=True)
             if stopped:
                 stop.append(f"{job_id}#{attempt}")
         return stop
@@ -377,53 +325,9 @@ class SQLiteJobStore:
                                    "AND cancel_requested = 0", (job_id, attempt)).fetchone()
         return row is not None
 
-    def _apply(self, job: JobRecord, attempt: int, events: Any) -> Any:
-        """Stage events of `attempt` into the record, in any order and more than once (they arrive from several
-        replicas, and ends also ride with the job); True when that attempt's stages must stop."""
-        if job.attempt != attempt:
-            return Keep(True)
-        for event in events:
-            kind, stage, at = event["kind"], event["stage"], event["at"]
-            if kind == "start":
-                self._started(job, attempt, stage, event["replica"], at)
-            elif kind == "end":
-                self._finished(job, attempt, stage, event.get("info") or {}, at)
-            elif kind == "progress" and not job.terminal and job.stage == stage:
-                job.heartbeat_at, job.step, job.num_steps = time.time(), event["step"], event["num_steps"]
-                job.progress = max(job.progress, stage_progress(stage, job.step, job.num_steps, False))
-        return job.terminal or job.cancel_requested
-
-    @staticmethod
-    def _started(job: JobRecord, attempt: int, stage: str, replica: str, at: float) -> None:
-        record = job.stages.get(stage)
-        if record is None or record.attempt != attempt:
-            job.stages[stage] = StageRecord(start=at, replica=replica, attempt=attempt)
-        if job.terminal or (job.stage_started_at is not None and at < job.stage_started_at):
-            return  # a later stage has started already
-        job.status, job.stage, job.heartbeat_at = "in_progress", stage, time.time()
-        job.stage_started_at, job.stage_replica = at, replica
-        job.progress = max(job.progress, stage_progress(stage, 0, 1, False))
-
-    @staticmethod
-    def _finished(job: JobRecord, attempt: int, stage: str, info: dict[str, Any], at: float) -> None:
-        record = job.stages.get(stage)
-        if record is not None and record.attempt == attempt and record.end is None:
-            record.end = at
-            record.handoff = info.get("handoff")
-        if info.get("switch_step") is not None:
-            job.switch_step = int(info["switch_step"])
-        if info.get("num_steps"):
-            job.num_steps = int(info["num_steps"])
-        if job.terminal:
-            return
-        if job.stage == stage:
-            job.stage, job.stage_started_at, job.stage_replica, job.heartbeat_at = None, None, None, time.time()
-        job.step = int(info.get("step", job.step))  # progress reports are throttled: the last may be missing
-        job.progress = max(job.progress, stage_progress(stage, job.step, job.num_steps, True))
-
     def stage_started(self, job_id: str, attempt: int, stage: str, replica: str) -> bool:
         def start(job: JobRecord) -> bool:
-            self._started(job, attempt, stage, replica, time.time())
+            started(job, attempt, stage, replica, time.time())
             return False
 
         return self._edit(job_id, start, attempt, missing=True)
@@ -439,35 +343,8 @@ class SQLiteJobStore:
 
     def stage_finished(self, job_id: str, attempt: int, stage: str, info: dict[str, Any]) -> bool:
         def finish(job: JobRecord) -> bool:
-            self._finished(job, attempt, stage, info, time.time())
+            finished(job, attempt, stage, info, time.time())
             return False
 
         return self._edit(job_id, finish, attempt, missing=True)
 
-
-class JobStoreDeployment:
-    """The store as `build_app` deploys it. Serve runs each call of a sync method in a worker thread; these calls
-    are sub-millisecond SQLite work, so here they run on the replica's event loop instead (less CPU per call)."""
-
-    def __init__(self, path: str) -> None:
-        self.store = SQLiteJobStore(path)
-
-
-_STORE_METRICS = StoreMetrics()
-
-
-def _on_loop(name: str) -> Any:
-    method = getattr(SQLiteJobStore, name)
-
-    async def call_on_loop(self: JobStoreDeployment, *args: Any, **kwargs: Any) -> Any:
-        with _STORE_METRICS.timed(name):  # srserve_store_op_seconds{op}: one histogram observation per call
-            return method(self.store, *args, **kwargs)
-
-    call_on_loop.__name__, call_on_loop.__doc__ = name, method.__doc__
-    return call_on_loop
-
-
-for _name in ("ping", "get", "list", "create", "begin_attempt", "renew", "watch", "claim_orphans", "retry_or_fail",
-              "fail", "complete", "mark_cancelled", "delete", "report", "stage_started", "heartbeat",
-              "stage_finished"):
-    setattr(JobStoreDeployment, _name, _on_loop(_name))
