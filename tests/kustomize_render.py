@@ -3,6 +3,7 @@ patches, namespace, images) the way `kustomize build` does for the features srse
 the manifest tests; `test_render_agrees_with_kubectl_kustomize` cross-checks it where kubectl is installed."""
 from __future__ import annotations
 
+import base64
 import copy
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,13 @@ def _set_images(node: Any, images: list[dict[str, str]]) -> None:
             _set_images(item, images)
 
 
+def _wrapped(encoded: str, width: int = 70) -> str:
+    """kustomize writes a long base64 value as lines of 70 characters (a YAML block: newline-terminated)."""
+    if len(encoded) <= width:
+        return encoded
+    return "".join(encoded[i:i + width] + "\n" for i in range(0, len(encoded), width))
+
+
 def render(directory: Path) -> list[dict[str, Any]]:
     """The documents `kustomize build directory` would produce (for the features these manifests use)."""
     kust = kustomization(directory)
@@ -109,6 +117,15 @@ def render(directory: Path) -> list[dict[str, Any]]:
             meta["labels"] = dict(options["labels"])
         assert options.get("disableNameSuffixHash"), "hashed ConfigMap names are not rendered here"
         docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    for generator in kust.get("secretGenerator", []):
+        data = {}
+        for entry in generator.get("files", []):
+            key, _, name = entry.rpartition("=")
+            data[key or Path(name).name] = _wrapped(base64.b64encode((directory / name).read_bytes()).decode())
+        assert (generator.get("options") or options).get("disableNameSuffixHash"), \
+            "hashed Secret names are not rendered here"
+        docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": generator["name"]}, "data": data,
+                     "type": "Opaque"})
     for patch in kust.get("patches", []):
         text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
         loaded = [d for d in yaml.safe_load_all(text) if d is not None]

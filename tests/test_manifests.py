@@ -67,11 +67,11 @@ def test_kustomization_references_exist(directory: Path) -> None:
         assert "path" in patch or "patch" in patch, f"{directory}: a patch with neither path nor patch"
         if "path" in patch:
             assert (directory / patch["path"]).is_file(), f"{directory}: patch {patch['path']} missing"
-    for generator in kust.get("configMapGenerator", []):
+    for generator in kust.get("configMapGenerator", []) + kust.get("secretGenerator", []):
         for entry in generator.get("files", []):
             assert (directory / entry.split("=")[-1]).is_file(), f"{directory}: {entry} missing"
     unknown = set(kust) - {"apiVersion", "kind", "namespace", "resources", "patches", "images",
-                           "configMapGenerator", "generatorOptions"}
+                           "configMapGenerator", "secretGenerator", "generatorOptions"}
     assert not unknown, f"{directory}: kustomize features this test does not render: {unknown}"
 
 
@@ -343,6 +343,16 @@ def test_paths_in_the_args_are_on_the_right_volumes(directory: Path) -> None:
             assert found and not found[1], f"{name} must mount {args.artifacts_url} read-write"
             if len(users) > 1:
                 assert found[2] == "ReadWriteMany", "artifacts shared by several pods need a ReadWriteMany volume"
+
+    # API keys (issue 11): the Ingress, on the head, reads them from a mounted Secret; Ray's token auth is on.
+    assert args.auth is not None, "a cluster deployment must require API keys"
+    spec = groups["head"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    keys = [m for m in _containers(groups["head"]["template"])[0].get("volumeMounts", [])
+            if PurePosixPath(args.auth.api_keys_file).is_relative_to(m["mountPath"])]
+    assert len(keys) == 1 and keys[0].get("readOnly") and "secret" in volumes[keys[0]["name"]], \
+        f"{args.auth.api_keys_file} must be on a read-only Secret volume of the head"
+    assert service["spec"]["rayClusterConfig"].get("authOptions", {}).get("mode") == "token"
 
     model = args.model
     if model is not None and not isinstance(model, str):

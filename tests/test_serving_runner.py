@@ -19,6 +19,47 @@ from srserve.serving.prom import PrometheusServer
 pytestmark = pytest.mark.slow
 
 
+def listening_addresses(root_pid: int) -> set[str]:
+    """Local addresses of the TCP sockets listening in `root_pid` and its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pids, todo = set(), [root_pid]
+    while todo:
+        pid = todo.pop()
+        pids.add(pid)
+        todo.extend(children.get(pid, []))
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = fd.readlink().as_posix()
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                found.add(cols[1])
+    return found
+
+
+def is_loopback(hex_address: str) -> bool:
+    host = hex_address.split(":")[0]
+    if len(host) == 8:  # IPv4, little-endian: 127.x.x.x
+        return host.endswith("7F")
+    # IPv6 ::1, or an IPv4-mapped ::ffff:127.x.x.x
+    return host == "00000000000000000000000001000000" or (host[:24] == "0000000000000000FFFF0000"
+                                                           and host[24:].endswith("7F"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,6 +99,9 @@ def test_serve_main_runs_the_local_config_and_stops_on_sigterm(tmp_path):
                     'ray_serve_deployment_replica_healthy{application="srserve"} == 1')}) < expected:
                 assert time.monotonic() < deadline, f"Prometheus sees healthy replicas of {seen} only"
                 time.sleep(1)
+        # Issue 11 point 9: Ray (GCS, raylet, workers, replicas' gRPC) and its metrics listen on loopback only.
+        listening = listening_addresses(proc.pid)
+        assert len(listening) > 5 and all(is_loopback(a) for a in listening), sorted(listening)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             assert http.get("/healthz").json() == {"status": "ok"}
             video = http.post("/v1/videos", json={"prompt": "a red circle moving right",
@@ -85,3 +129,14 @@ def test_serve_main_refuses_a_bad_config(tmp_path, capsys):
     assert serve_main([str(bad)]) == 2
     assert "num_replicas" in capsys.readouterr().err
     assert serve_main([str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_serve_main_refuses_an_open_server_on_a_public_host(tmp_path, capsys):
+    from srserve.serving.runner import serve_main
+
+    config = tmp_path / "open.yaml"
+    app = {"name": "srserve", "import_path": "srserve.serving:build_app", "args": {}}
+    config.write_text(yaml.safe_dump({"applications": [app]}))
+    assert serve_main([str(config), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "without API keys" in err and "open_access: true" in err and "api_keys_file" in err

@@ -144,6 +144,24 @@ class WatchdogOptions(BaseModel):
         return self
 
 
+class QuotaOptions(BaseModel):
+    """What one API key may hold at once; 429 + Retry-After naming the limit beyond. null: no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_in_flight: int | None = Field(16, ge=1, description="queued + in_progress jobs of one key")
+    max_per_minute: int | None = Field(60, ge=1, description="jobs one key may create in any 60 s")
+    max_cost_in_flight: float | None = Field(None, gt=0, description="summed estimated cost (GPU-seconds) of "
+                                             "one key's unfinished jobs")
+
+
+class AuthOptions(BaseModel):
+    """API keys: a file of `name:key [admin] [priority=batch] [max_in_flight=N] ...` lines (a mounted Secret)."""
+
+    model_config = ConfigDict(extra="forbid")
+    api_keys_file: str = Field(description="path of the keys file, read by each ingress replica at start")
+    quotas: QuotaOptions = Field(default_factory=QuotaOptions, description="per key, unless its line overrides")
+
+
 class AppArgs(BaseModel):
     """Everything `srserve.serving:build_app` takes (the `args:` of a Serve config application)."""
 
@@ -175,6 +193,12 @@ class AppArgs(BaseModel):
     watchdog: WatchdogOptions = Field(default_factory=WatchdogOptions)
     log_prompts: bool = Field(False, description="write prompts in the stages' transition log lines (prompts are "
                               "user data: off by default)")
+    auth: AuthOptions | None = Field(None, description="API keys; without them every client is one anonymous "
+                                     "caller, allowed only on a loopback host unless open_access is set")
+    open_access: bool = Field(False, description="serve without API keys on a non-loopback host (say so on purpose)")
+    api_docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="largest request body; larger is refused with 413 "
+                                "before it is parsed")
 
     @field_validator("model", mode="before")
     @classmethod

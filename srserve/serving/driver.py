@@ -155,7 +155,8 @@ class JobDriver:
         def ended(status: str, reason: Any = None) -> None:
             self.metrics.ended(status, reason, policy, max(0.0, time.time() - created_at))
         msg = StageMessage(job_id, attempt, GenerationRequest.model_validate(request["generation"]),
-                           request["fps"], request.get("save_frames", False))
+                           request["fps"], request.get("save_frames", False),
+                           priority=request.get("priority", "interactive"))
         abort = asyncio.get_running_loop().create_future()
         self._aborts[job_id] = abort
         responses = self._submit(msg)

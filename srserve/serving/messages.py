@@ -57,10 +57,12 @@ class StageMessage:
     # Stage events (start, end) riding with the job to Decode, whose result takes them to the job record: the
     # record is whole at completion without a store call per stage transition.
     reports: tuple[dict[str, Any], ...] = ()
+    # Scheduling class of the key that created the job ("interactive" before "batch" in the denoising stages).
+    priority: str = "interactive"
 
     def __reduce__(self):
         fields = (self.job_id, self.attempt, self.request, self.fps, self.save_frames, self.embeddings,
-                  self.reports)
+                  self.reports, self.priority)
         if self.state is None:
             return _load_message, (*fields, None, None)
         began = time.perf_counter()
@@ -115,7 +117,8 @@ def _tensor(data: Any, dtype: str, shape: tuple[int, ...]) -> Any:
 
 
 def _load_message(job_id: str, attempt: int, request: GenerationRequest, fps: int, save_frames: bool,
-                  embeddings: Any, reports: tuple, wire: tuple | None, sent: dict[str, float] | None) -> StageMessage:
+                  embeddings: Any, reports: tuple, priority: str, wire: tuple | None,
+                  sent: dict[str, float] | None) -> StageMessage:
     HandoffProbe.loads += 1
     state = transfer = None
     if wire is not None:
@@ -123,4 +126,4 @@ def _load_message(job_id: str, attempt: int, request: GenerationRequest, fps: in
         state = load_state(wire[0], list(wire[1:]))
         transfer = {"bytes": sent["bytes"], "serialize_s": sent["serialize_s"],
                     "transit_s": max(0.0, arrived - sent["sent_at"]), "deserialize_s": time.perf_counter() - began}
-    return StageMessage(job_id, attempt, request, fps, save_frames, state, embeddings, transfer, reports)
+    return StageMessage(job_id, attempt, request, fps, save_frames, state, embeddings, transfer, reports, priority)

@@ -85,6 +85,40 @@ def loopback_node(enabled: bool) -> Iterator[None]:
                 os.environ[name] = env_before
 
 
+def bind_replica_servers_to_loopback() -> None:
+    """Worker setup hook of a loopback-only local cluster: Serve 2.60 binds each replica's inter-deployment gRPC
+    server to all interfaces (`[::]:0`, no option); callers reach it at the node IP, loopback here, so binding
+    loopback keeps it working and off the network."""
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+
+    def bind_loopback(server: Any, address: str) -> int:
+        return bind(server, address.replace("[::]", "127.0.0.1", 1) if address.startswith("[::]") else address)
+
+    replica.add_port_to_grpc_server = bind_loopback
+
+
+LOOPBACK_HOOK = f"{__name__}.bind_replica_servers_to_loopback"
+
+
+def check_exposure(config: dict[str, Any], host: str) -> str | None:
+    """Why serving `config` on `host` must not start (an srserve app without API keys on a non-loopback host,
+    unless its args say `open_access: true`), or None."""
+    from srserve.serving.args import AppArgs
+
+    if host in LOOPBACK:
+        return None
+    for app in config["applications"]:
+        if app.get("import_path", "").startswith("srserve.serving"):
+            args = AppArgs.model_validate(app.get("args") or {})
+            if args.auth is None and not args.open_access:
+                return (f"application {app.get('name', 'default')!r} would serve {host} without API keys: set "
+                        "`auth: {api_keys_file: PATH}` in its args, or `open_access: true` to serve everyone on "
+                        "purpose (or bind 127.0.0.1)")
+    return None
+
+
 def load_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {"applications": [dict(DEFAULT_APP)]}
@@ -123,6 +157,10 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     http = config.get("http_options") or {}
     host, port = opts.host or http.get("host", "127.0.0.1"), opts.port or int(http.get("port", 8000))
+    refusal = check_exposure(config, host)
+    if refusal:
+        print(f"srserve serve: refusing to start: {refusal}", file=sys.stderr)
+        return 2
 
     if opts.prometheus:
         from srserve.serving.prom import MISSING_PROMETHEUS
@@ -145,10 +183,12 @@ def serve_main(argv: list[str] | None = None) -> int:
         if opts.address:
             ray.init(address=opts.address, include_dashboard=False)
         else:
-            with loopback_node(host in LOOPBACK):
+            loopback = host in LOOPBACK
+            with loopback_node(loopback):
                 # address="local": a new cluster, never one found through RAY_ADDRESS or a `ray start` here
                 ray.init(address="local", num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, resources=resources,
-                         include_dashboard=False, _metrics_export_port=opts.metrics_port)
+                         include_dashboard=False, _metrics_export_port=opts.metrics_port,
+                         runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK} if loopback else None)
         # After ray.init, which installs its own SIGTERM handler (it aborts the process).
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         targets = metrics_endpoints(ray.nodes())
@@ -164,8 +204,9 @@ def serve_main(argv: list[str] | None = None) -> int:
             target = builder(app.get("args") or {}) if callable(builder) else builder
             prefix = app.get("route_prefix", "/")
             serve.run(target, name=app.get("name", "default"), route_prefix=prefix)
-            print(f"srserve: {app.get('name', 'default')} ready at http://{host}:{port}{prefix.rstrip('/')}/v1 "
-                  f"(docs: http://{host}:{port}{prefix.rstrip('/')}/docs)", flush=True)
+            docs = (app.get("args") or {}).get("api_docs")
+            print(f"srserve: {app.get('name', 'default')} ready at http://{host}:{port}{prefix.rstrip('/')}/v1"
+                  + (f" (docs: http://{host}:{port}{prefix.rstrip('/')}/docs)" if docs else ""), flush=True)
         while not stop.wait(0.5):
             pass
         print("srserve: stopping", flush=True)
