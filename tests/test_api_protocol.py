@@ -21,7 +21,7 @@ class FakeService:
         self.videos: dict[str, Video] = {}
         self.requests = []
 
-    async def create(self, body: VideoCreateBody) -> Video:
+    async def create(self, body: VideoCreateBody, caller) -> Video:
         resolved = resolve_create(body, MODEL, LIMITS)
         self.requests.append(resolved)
         video = Video(id=f"video_{len(self.videos)}", created_at=1, model=resolved.model, progress=0,
@@ -29,23 +29,23 @@ class FakeService:
         self.videos[video.id] = video
         return video
 
-    async def retrieve(self, video_id: str) -> Video:
+    async def retrieve(self, video_id: str, caller=None) -> Video:
         if video_id not in self.videos:
             raise ApiError(404, f"video_id: no video {video_id!r}", param="video_id", code="not_found")
         return self.videos[video_id]
 
-    async def list(self, after, limit, order) -> VideoList:
+    async def list(self, after, limit, order, caller) -> VideoList:
         return VideoList(data=list(self.videos.values())[:limit])
 
-    async def delete(self, video_id: str) -> VideoDeleted:
+    async def delete(self, video_id: str, caller) -> VideoDeleted:
         await self.retrieve(video_id)
         del self.videos[video_id]
         return VideoDeleted(id=video_id)
 
-    async def content(self, video_id, variant):
+    async def content(self, video_id, variant, caller):
         raise ApiError(409, "not ready", param="video_id", code="video_not_ready")
 
-    async def job(self, video_id):
+    async def job(self, video_id, caller):
         return (await self.retrieve(video_id)).model_dump()
 
     async def models(self):
@@ -58,7 +58,7 @@ class FakeService:
 @pytest.fixture
 def client():
     service = FakeService()
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service, api_docs=True)) as c:
         c.service = service
         yield c
 
@@ -146,3 +146,24 @@ def test_refused_creates_are_reported_to_the_hook():
         assert c.get("/v1/videos/video_missing").status_code == 404
         assert c.get("/v1/videos/video_missing/content", params={"variant": "gif"}).status_code == 422
     assert heard == [(422, "invalid_value"), (422, "missing"), (400, "invalid_body")]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("step:" + "9" * 400, "between 0 and 999999"),    # was an OverflowError (float of a 400-digit int)
+    ("step:" + "9" * 5000, "between 0 and 999999"),   # was past int()'s 4300-digit limit
+    ("step:３", "whole number"), ("ratio:０.５", "plain decimal"), ("adaptive:min=１", "whole number"),
+    ("ratio:1e999", "[0, 1]"), ("step: 3", "whole number"),
+])
+def test_switch_numbers_are_bounded_ascii(text, words):
+    from srserve.pipeline.switch import parse_policy
+
+    with pytest.raises(ValueError) as err:
+        parse_policy(text)
+    assert words in str(err.value) and len(str(err.value)) < 400, str(err.value)
+
+
+def test_switch_policies_still_round_trip_through_str():
+    from srserve.pipeline.switch import SwitchPolicy, parse_policy
+
+    for policy in (SwitchPolicy("adaptive", 1e-05, 2, 9), SwitchPolicy("ratio", 1e-07), SwitchPolicy("step", 999999)):
+        assert parse_policy(str(policy)) == policy

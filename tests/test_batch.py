@@ -98,3 +98,24 @@ def test_cogvideox_decodes_from_for_decode(tmp_path):
     assert isinstance(final.family_state.get("pred_original_sample"), torch.Tensor)
     assert slim.family_state == {"space": "vae"}
     assert np.array_equal(cog.decode(slim), cog.decode(final))
+
+
+def test_step_advances_only_the_chosen_requests_and_views_report_what_a_scheduler_needs(engine, state0):
+    small = request("step:4").model_copy(update={"height": 16, "width": 16})
+    other = engine.prepare(small, engine.encode(small))
+    fixed = state0.replace(switch_step=3)  # a fixed switch: the sketch segment is steps [0, 3)
+    batch = DenoiseBatch(engine.family, "sketch", max_batch_size=4)
+    batch.add("a", fixed)
+    batch.add("b", other)
+    views = batch.views()
+    assert views["a"].group != views["b"].group and views["a"].units == 4 * views["b"].units  # 32x32 vs 16x16
+    assert (views["a"].remaining_steps, views["b"].remaining_steps) == (3, 4)
+    batch.step(["b"])
+    batch.step(["b"])
+    assert (batch.active["a"].step_index, batch.active["b"].step_index) == (0, 2)  # "a" paused, untouched
+    cancelled = {"a": False}
+    batch.active["a"].should_cancel = lambda: cancelled["a"]
+    cancelled["a"] = True
+    left = batch.step(["b"])  # a stop reaches a paused request at the next boundary
+    assert isinstance(left["a"], Exception) and "cancelled at step 0" in str(left["a"])
+    assert batch.active["b"].step_index == 3

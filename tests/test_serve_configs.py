@@ -21,3 +21,12 @@ def test_deployment_serve_configs_are_valid(path: Path) -> None:
     for app in config["applications"]:
         if app["import_path"] == "srserve.serving:build_app":
             AppArgs.model_validate(app.get("args") or {})
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.name for p in SERVE_CONFIGS])
+def test_configs_on_a_public_host_require_api_keys(path: Path) -> None:
+    from srserve.serving.runner import check_exposure
+
+    config = yaml.safe_load(path.read_text())
+    host = (config.get("http_options") or {}).get("host", "127.0.0.1")
+    assert check_exposure(config, host) is None

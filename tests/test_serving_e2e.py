@@ -106,7 +106,7 @@ def served(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "job_store_path": str(tmp / "jobs.sqlite"), "artifacts_url": str(tmp / "artifacts"),
-        "save_frames_npy": True,
+        "save_frames_npy": True, "api_docs": True,
         "sketch": {"max_batch_size": 2, "graceful_shutdown_timeout_s": 10, "progress_interval_s": 0.2},
         "render": {"max_batch_size": 2, "graceful_shutdown_timeout_s": 10, "progress_interval_s": 0.2},
         "encode": {"graceful_shutdown_timeout_s": 10}, "decode": {"graceful_shutdown_timeout_s": 10},

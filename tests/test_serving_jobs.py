@@ -11,6 +11,7 @@ from srserve.serving.args import AppArgs
 from srserve.serving.artifacts import ArtifactStore
 from srserve.serving.jobs import SQLiteJobStore, stage_progress
 from srserve.serving.runner import load_config, pool_resources
+from fakes import FakeStoreHandle
 
 REQUEST = {"generation": {"prompt": "a red circle moving right"}, "fps": 8, "seconds": "1", "size": "32x32"}
 
@@ -231,22 +232,6 @@ def test_shipped_configs_validate(name):
 
 
 # --- the driver's watchdog, with the real store behind a fake handle and fake stages -------------------------
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        async def run():
-            return self.fn(*args, **kwargs)
-        return run()
-
-
-class FakeStoreHandle:
-    def __init__(self, store: SQLiteJobStore) -> None:
-        self.store = store
-
-    def __getattr__(self, name):
-        return _Method(getattr(self.store, name))
 
 
 class FakeResponse:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from srserve.config import GenerationRequest
 from srserve.pipeline.card import ModelCard, RequestError, check_shape, resolve
@@ -25,7 +27,22 @@ VARIANTS = {  # download variant -> (artifact name, media type)
 }
 _DEFAULT_GUIDANCE = GenerationRequest.model_fields["guidance_scale"].default
 _DEFAULT_SEED = GenerationRequest.model_fields["seed"].default
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+# ASCII digits only (\d takes any script's digits) and at most 5 of them, so int() is cheap and bounded.
+_SIZE = re.compile(r" *([0-9]{1,5}) *[xX] *([0-9]{1,5}) *")
+_SECONDS = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6})?")  # a plain decimal: no exponent, sign, spaces or NaN
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
+_NUMBER = re.compile(r"[+-]?[0-9]{1,10}(\.[0-9]{1,10})?")
+# Control characters other than tab, newline and carriage return (forms send CRLF), and unpaired surrogates
+# (JSON's "\ud800" escapes): neither is text, and a surrogate cannot even be stored as UTF-8.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+QUOTE_CHARS = 100
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`repr` of a client's value cut to `limit` characters with an ellipsis: an error message never echoes a
+    whole oversized input (repr also escapes control characters and surrogates)."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 class ApiError(Exception):
@@ -76,11 +93,44 @@ class VideoCreateBody(BaseModel):
     switch: str | None = Field(None, description="none | small-only | step:K | ratio:R | adaptive[:THR]")
     num_frames: int | None = Field(None, description="overrides seconds")
     fps: int | None = Field(None, description="output frame rate (default: the model's)")
+    deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="refuse the job (429/503 + "
+                                     "Retry-After) unless it is projected to finish within this many seconds")
 
-    @field_validator("seconds", mode="before")
+    @field_validator("prompt", "negative_prompt", "model", "seconds", "size", "switch", mode="before")
     @classmethod
-    def _seconds_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    def _text(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        if info.field_name == "seconds" and type(value) in (int, float):  # JSON may send 4 or 2.5 (not a bool)
+            value = str(value)
+        if not isinstance(value, str):
+            raise PydanticCustomError("string_type", "expected a string")
+        bad = _NOT_TEXT.search(value)
+        if bad:
+            raise PydanticCustomError("invalid_characters", "control characters and unpaired surrogates are not "
+                                      f"allowed (one at character {bad.start()})")
+        return value
+
+    @field_validator("seed", "num_inference_steps", "num_frames", "fps", mode="before")
+    @classmethod
+    def _integer(cls, value: Any) -> Any:
+        """Strict: an int, or (multipart sends text) ASCII digits; never a bool, a float or another script's
+        digits. At most 20 digits, so no limit message quotes a huge number."""
+        if isinstance(value, str) and _INTEGER.fullmatch(value):
+            value = int(value)
+        if value is None or (type(value) is int and abs(value) < 10**20):
+            return value
+        raise PydanticCustomError("int_type", "expected an integer of at most 20 digits")
+
+    @field_validator("guidance_scale", "guidance_scale_2", "deadline_s", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        """Strict: a number (not a bool), or a plain decimal as text; nothing float() would overflow on."""
+        if isinstance(value, str) and _NUMBER.fullmatch(value):
+            return float(value)
+        if value is None or (type(value) is float) or (type(value) is int and abs(value) < 10**10):
+            return value
+        raise PydanticCustomError("float_type", "expected a number such as 4.5")
 
 
 class VideoError(BaseModel):
@@ -135,7 +185,7 @@ def resolve_create(body: VideoCreateBody, card: ModelCard, limits: RequestLimits
     if body.input_reference not in (None, ""):
         raise invalid("input_reference", "reference inputs are not supported (text-to-video only)")
     if body.model not in (None, card.name):
-        raise ApiError(422, f"model: unknown model {body.model!r}; this server serves {card.name!r}",
+        raise ApiError(422, f"model: unknown model {quote(body.model)}; this server serves {card.name!r}",
                        param="model", code="model_not_found")
     prompt = body.prompt.strip()
     if not prompt:
@@ -182,10 +232,10 @@ def _at_most(param: str, value: int, limit: int, unit: str) -> None:
 def _size(text: str | None, card: ModelCard, limits: RequestLimits) -> tuple[int, int]:
     if text is None:
         return card.default_width, card.default_height
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if not match:
-        raise invalid("size", f"expected WIDTHxHEIGHT such as {card.default_width}x{card.default_height}, "
-                              f"got {text!r}")
+        raise invalid("size", f"expected WIDTHxHEIGHT (ASCII digits, at most 5 each) such as "
+                              f"{card.default_width}x{card.default_height}, got {quote(text)}")
     width, height = int(match.group(1)), int(match.group(2))
     if not width or not height:
         raise invalid("size", f"width and height must be positive, got {width}x{height}")
@@ -201,17 +251,18 @@ def _frames(body: VideoCreateBody, card: ModelCard, limits: RequestLimits, fps: 
     if body.num_frames is not None:
         frames = body.num_frames
     elif body.seconds is not None:
-        try:
-            seconds = float(body.seconds)
-        except ValueError:
-            raise invalid("seconds", f"expected a number of seconds, got {body.seconds!r}") from None
-        if not (math.isfinite(seconds) and seconds > 0):
-            raise invalid("seconds", f"must be a positive number, got {body.seconds!r}")
+        if not _SECONDS.fullmatch(body.seconds):
+            raise invalid("seconds", f"expected a number of seconds as a plain decimal such as 4 or 2.5, "
+                                     f"got {quote(body.seconds)}")
+        text = format(Decimal(body.seconds).normalize(), "f")  # reported as a plain decimal: "04.50" -> "4.5"
+        seconds = float(text)
+        if not seconds > 0:
+            raise invalid("seconds", f"must be a positive number, got {text}")
         frames = s * max(0, round((seconds * fps - 1) / s)) + 1
         if frames > limits.max_frames:
-            raise invalid("seconds", f"{body.seconds}s at {fps} fps is {frames} frames; at most "
+            raise invalid("seconds", f"{text}s at {fps} fps is {frames} frames; at most "
                                      f"{limits.max_frames} frames ({limits.max_frames / fps:g}s) allowed")
-        return frames, body.seconds
+        return frames, text
     else:
         frames = card.default_num_frames
     _at_most("num_frames", frames, limits.max_frames, "frames")

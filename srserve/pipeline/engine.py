@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from srserve.config import GenerationRequest, ModelSpec
-from srserve.pipeline.batch import CancelCheck, Cancelled, DenoiseBatch, StepCallback
+from srserve.pipeline.batch import CancelCheck, Cancelled, DenoiseBatch, StepCallback, cancel_between_calls
 from srserve.pipeline.families import ROLES, Family, load_family
 from srserve.pipeline.handoff import HandoffState, PromptEmbeddings, capture_scheduler
 from srserve.pipeline.switch import fixed_switch_step, parse_policy
@@ -110,12 +110,17 @@ class SREngine:
         return result
 
     # --- 5. decode ----------------------------------------------------------------------------------------
-    def decode(self, state: HandoffState) -> np.ndarray:
-        """Frames of a fully denoised state (whole, or `state.for_decode()`: decode reads only the latents)."""
+    def decode(self, state: HandoffState, should_cancel: CancelCheck | None = None) -> np.ndarray:
+        """Frames of a fully denoised state (whole, or `state.for_decode()`: decode reads only the latents).
+        `should_cancel` is checked before each chunk the VAE decodes (raising `Cancelled`)."""
         if not state.done:
             raise ValueError(f"decode needs a fully denoised state; this one is at step {state.step_index} of "
                              f"{state.num_steps}")
-        return self.family.decode(state.latents)
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("cancelled before decode")
+        decoder = getattr(getattr(self.family, "vae", None), "decoder", None)
+        with cancel_between_calls(decoder, should_cancel, "decode"):
+            return self.family.decode(state.latents)
 
     # --- all of it in one process ---------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,

@@ -7,6 +7,7 @@ Grammar: `none` | `small-only` | `step:K` | `ratio:R` | `adaptive[:THRESHOLD][:m
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -15,6 +16,29 @@ DEFAULT_ADAPTIVE_THRESHOLD = 0.01
 # Adaptive bounds default to fractions of the step count, so one policy string serves any N.
 DEFAULT_MIN_FRACTION = 0.1
 DEFAULT_MAX_FRACTION = 0.6
+# Numbers are ASCII and bounded before int()/float() see them: no 4300-digit int, no overflowing float, no
+# full-width digits (which int() and float() would take).
+_STEP = re.compile(r"[0-9]{1,6}")
+_FRACTION = re.compile(r"[0-9]{0,3}(\.[0-9]{1,12})?([eE][+-]?[0-9]{1,3})?")  # str() writes 1e-05
+MAX_STEP = 999_999
+_QUOTE = 100
+
+
+def _quote(text: str) -> str:
+    """The policy text as an error message quotes it: at most 100 characters."""
+    return repr(text[:_QUOTE]) + ("..." if len(text) > _QUOTE else "")
+
+
+def _step(text: str, what: str) -> int:
+    if not _STEP.fullmatch(text):
+        raise ValueError(f"{what} must be a whole number between 0 and {MAX_STEP}")
+    return int(text)
+
+
+def _fraction(text: str, what: str) -> float:
+    if not text or not _FRACTION.fullmatch(text):
+        raise ValueError(f"{what} must be a plain decimal such as 0.5")
+    return float(text)
 
 
 @dataclass(frozen=True)
@@ -52,31 +76,28 @@ def parse_policy(text: str) -> SwitchPolicy:
         if head in ("none", "small-only") and not rest:
             return SwitchPolicy(head)
         if head == "step" and rest:
-            k = int(rest)
-            if k < 0:
-                raise ValueError("K must be >= 0")
-            return SwitchPolicy("step", float(k))
+            return SwitchPolicy("step", float(_step(rest, "K")))
         if head == "ratio" and rest:
-            r = float(rest)
-            if not 0.0 <= r <= 1.0 or math.isnan(r):
+            r = _fraction(rest, "R")
+            if not 0.0 <= r <= 1.0:
                 raise ValueError("R must be in [0, 1]")
             return SwitchPolicy("ratio", r)
         if head == "adaptive":
             return _parse_adaptive(rest)
     except ValueError as err:
-        raise ValueError(f"switch policy {text!r}: {err}; {accepted}") from None
-    raise ValueError(f"switch policy {text!r} is not {accepted}")
+        raise ValueError(f"switch policy {_quote(text)}: {err}; {accepted}") from None
+    raise ValueError(f"switch policy {_quote(text)} is not {accepted}")
 
 
 def _parse_adaptive(rest: str) -> SwitchPolicy:
     threshold, lo, hi = DEFAULT_ADAPTIVE_THRESHOLD, None, None
     for part in filter(None, rest.split(":")):
         if part.startswith("min="):
-            lo = int(part[4:])
+            lo = _step(part[4:], "min")
         elif part.startswith("max="):
-            hi = int(part[4:])
+            hi = _step(part[4:], "max")
         else:
-            threshold = float(part)
+            threshold = _fraction(part, "THRESHOLD")
     if not 0.0 < threshold < 1.0:
         raise ValueError("THRESHOLD must be in (0, 1)")
     if (lo is not None and lo < 1) or (hi is not None and hi < 1):

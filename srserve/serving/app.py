@@ -28,6 +28,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
     args = (args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})).resolved()
     store = serve.deployment(JobStoreDeployment).options(
         name="JobStore", num_replicas=1, max_ongoing_requests=1000,
+        health_check_period_s=2.0,  # replaced soon after a kill; meanwhile the ingress answers 503 store_unavailable
         ray_actor_options={"num_cpus": args.job_store_num_cpus, "resources": args.job_store_resources},
         logging_config={"enable_access_log": False},
     ).bind(args.job_store_path)
@@ -36,7 +37,10 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
         extra = (args.artifacts_url,) if name in WITH_ARTIFACTS else ()
         # The app-level observability options reach each stage through its options.
         observed = {"log_prompts": options.log_prompts or args.log_prompts,
-                    "model_name": options.model_name or args.model_name}
+                    "model_name": options.model_name or args.model_name,
+                    # the denoising stages save what they hand on; Encode loads it for a resumed job
+                    "checkpoint_url": options.checkpoint_url or (args.artifacts_url if args.watchdog.checkpoint_stages
+                                                                 and args.mode == "disaggregated" else None)}
         stages[name] = serve.deployment(DEPLOYMENTS[name]).options(
             name=name.capitalize(), **options.deployment_options(),
         ).bind(args.model, store, {**options.model_dump(), **observed}, *extra)

@@ -18,6 +18,23 @@ from srserve.pipeline.switch import parse_policy
 from srserve.tiny import default_model_path
 
 
+class SchedulingOptions(BaseModel):
+    """How a Sketch or Render replica shares its device among the requests it holds (weighted fair queuing over
+    requests, srserve.pipeline.scheduling): a small request is not held behind large ones, interactive before batch."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_weight: float = Field(0.125, gt=0, le=1, description="device share of a `batch` key's request against an "
+                                "interactive one (it is never starved: it keeps this share)")
+    short_s: float = Field(30.0, ge=0, description="a request with less estimated remaining work (seconds) ...")
+    short_boost: float = Field(8.0, ge=1, description="... weighs this many times more (shortest first, bounded)")
+    max_forward_s: float | None = Field(2.0, gt=0, description="same-shape requests share a forward while its "
+                                        "estimated seconds stay under this (one request always); null: up to "
+                                        "max_batch_size. Bounds the wait of a request arriving mid-forward")
+    max_resident: int | None = Field(None, ge=1, description="requests held in device memory at once (the rest "
+                                     "wait, interactive first); null: all that reach the replica "
+                                     "(max_ongoing_requests)")
+
+
 class StageOptions(BaseModel):
     """Placement and flow control of one stage's deployment."""
 
@@ -44,6 +61,10 @@ class StageOptions(BaseModel):
                               "(AppArgs.log_prompts turns it on for every stage)")
     model_name: str | None = Field(None, description="the `model` label of this stage's metrics; build_app sets "
                                    "it from AppArgs.model_name (default: the spec's name)")
+    checkpoint_url: str | None = Field(None, description="where the denoising stages save the state they hand on "
+                                       "(build_app sets the artifacts URL when watchdog.checkpoint_stages)")
+    scheduling: SchedulingOptions = Field(default_factory=SchedulingOptions, description="sketch, render: "
+                                          "which requests step first")
 
     def resources_needed(self) -> dict[str, float]:
         needed = dict(self.resources)
@@ -83,13 +104,17 @@ class EncodeOptions(StageOptions):
                                  "holds for the denoising stages that read them (>= the jobs in flight)")
 
 
+# A denoising replica schedules only the requests that reached it: one waiting in a caller's router (beyond
+# max_ongoing_requests) is invisible to it, and was seen waiting 120 s+ behind four max-size jobs.
 class SketchOptions(StageOptions):
     pool: str | None = "sketch_pool"
+    max_ongoing_requests: int | None = Field(QUEUE_IN_REPLICA, ge=1)
 
 
 class RenderOptions(StageOptions):
     pool: str | None = "render_pool"
     pool_amount: float = Field(0.5, gt=0)
+    max_ongoing_requests: int | None = Field(QUEUE_IN_REPLICA, ge=1)
 
 
 class DecodeOptions(StageOptions):
@@ -119,9 +144,13 @@ class IngressOptions(BaseModel):
     max_ongoing_requests: int = Field(200, ge=1)
     max_queued_requests: int = Field(200, ge=-1)
     backpressure_status: Literal[429, 503] = 429
+    # Serve replaces a dead replica once a health check fails: with one ingress replica the API is away that long
+    # plus a restart (2 replicas: the proxy drops the dead one at its first failed probe and the other answers).
+    health_check_period_s: float = Field(2.0, gt=0, description="how often Serve checks each ingress replica")
 
     def deployment_options(self, retry_after_s: float) -> dict[str, Any]:
         return {"num_replicas": self.num_replicas, "max_ongoing_requests": self.max_ongoing_requests,
+                "health_check_period_s": self.health_check_period_s,
                 "max_queued_requests": self.max_queued_requests,
                 "backpressure_config": {"status_code": self.backpressure_status, "retry_after_s": retry_after_s},
                 "ray_actor_options": {"num_cpus": self.num_cpus}}
@@ -132,10 +161,14 @@ class WatchdogOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     interval_s: float = Field(1.0, gt=0, description="how often a driver renews leases and checks its jobs")
-    lease_s: float = Field(15.0, gt=0, description="a job whose driver stops renewing is taken over after this")
+    lease_s: float = Field(6.0, gt=0, description="a job whose driver stops renewing is taken over after this "
+                           "(by another ingress replica, or the restarted one), resumed from its last checkpoint")
     stage_timeout_s: float = Field(600.0, gt=0, description="a running stage silent this long is retried")
     job_timeout_s: float = Field(7200.0, gt=0, description="a job not finished after this fails")
     cancel_grace_s: float = Field(5.0, ge=0, description="after DELETE, wait this long for a stage to stop")
+    checkpoint_stages: bool = Field(True, description="save the state each denoising stage hands on in the "
+                                    "artifact store, so a retried or taken-over job resumes after the last "
+                                    "finished stage (one write per hop; removed when the job ends)")
 
     @model_validator(mode="after")
     def _lease_outlasts_interval(self) -> "WatchdogOptions":
@@ -160,6 +193,33 @@ class AuthOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     api_keys_file: str = Field(description="path of the keys file, read by each ingress replica at start")
     quotas: QuotaOptions = Field(default_factory=QuotaOptions, description="per key, unless its line overrides")
+
+
+class AdmissionOptions(BaseModel):
+    """Cost-aware admission (srserve.serving.admission): what a request costs per stage, a ceiling, a deadline.
+
+    Prices are seconds on one replica, measured on srd-tiny on the CI CPU (benchmarks/results/REPORT.md: a 30-step
+    64x64x17 request, 80 latent tokens: sketch 63.4 ms and render 16.5 ms per guided step, encode 0.028 s, decode
+    0.306 s); completed jobs refine them (learn). Set them per deployment for other models and devices."""
+
+    model_config = ConfigDict(extra="forbid")
+    sketch_s_per_token_step: float = Field(7.8e-4, gt=0, description="sketch model: seconds per latent token and "
+                                           "guided step")
+    render_s_per_token_step: float = Field(2.0e-4, gt=0, description="render model: the same")
+    encode_s: float = Field(0.03, ge=0, description="prompt encoding, per request")
+    decode_s_per_token: float = Field(3.8e-3, ge=0, description="VAE decode and video encoding, per latent token")
+    attention_tokens: float = Field(5000.0, gt=0, description="tokens at which attention doubles a step's cost "
+                                    "per token (the quadratic part)")
+    adaptive_sketch_fraction: float = Field(0.32, ge=0, le=1, description="expected sketch share of the steps "
+                                            "under an adaptive switch (srd-tiny: 9.5 of 30, srserve/sim)")
+    learn: bool = Field(True, description="refine the prices from completed jobs' stage times (EWMA, per ingress)")
+    learn_rate: float = Field(0.2, gt=0, le=1)
+    max_request_cost_s: float | None = Field(None, gt=0, description="one request's estimated cost above this "
+                                             "is refused with 422 naming the field; null: no ceiling")
+    check_deadline: bool = Field(True, description="refuse (429/503 + Retry-After) a job whose projected "
+                                 "completion under the current queue is past its deadline")
+    default_deadline_s: float | None = Field(None, gt=0, description="a job's deadline unless the request sets "
+                                             "a lower deadline_s; null: watchdog.job_timeout_s")
 
 
 class AppArgs(BaseModel):
@@ -199,6 +259,11 @@ class AppArgs(BaseModel):
     api_docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="largest request body; larger is refused with 413 "
                                 "before it is parsed")
+    admission: AdmissionOptions = Field(default_factory=AdmissionOptions)
+    job_ttl_s: float = Field(86400.0, gt=0, description="a job's record and videos are removed this long after it "
+                             "was created (the Video's expires_at)")
+    sweep_interval_s: float = Field(300.0, gt=0, description="how often each ingress replica removes expired and "
+                                    "deleted records and their artifacts")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -5,23 +5,29 @@ state goes replica to replica and the driver only ever receives Decode's small m
 chain is the single `colocated.remote(msg)`). The driver holds a
 lease on each job it drives; a watchdog loop renews the leases, checks heartbeats and deadlines, and takes over
 jobs whose driver died (an ingress restart). Every accepted job ends completed, failed or cancelled.
+
+A retried or taken-over job resumes after its last finished stage (resume.py).
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from typing import Any
+from dataclasses import replace
+from typing import Any, Callable
 
 from ray.serve.exceptions import BackPressureError
 
 from srserve.config import GenerationRequest
 from srserve.pipeline.switch import parse_policy
 from srserve.serving.args import WatchdogOptions
-from srserve.serving.calls import StageStalled, call, describe, is_replica_loss
+from srserve.serving.artifacts import CheckpointMissing
+from srserve.serving.calls import StageStalled, call, caused_by, describe, is_replica_loss
 from srserve.serving.logs import job_context
 from srserve.serving.messages import JobCancelled, StageMessage
 from srserve.serving.metrics import JobMetrics
+from srserve.serving.resume import Checkpoints, resume_chain
 
 logger = logging.getLogger("ray.serve")
 
@@ -67,11 +73,19 @@ def stages_with_work(stages: list[str], request: GenerationRequest) -> list[str]
 class JobDriver:
     def __init__(self, store: Any, stages: dict[str, Any], owner: str, watchdog: WatchdogOptions,
                  max_retries: int, retry_after_s: float, on_cancelled: Any = None,
-                 metrics: JobMetrics | None = None) -> None:
+                 metrics: JobMetrics | None = None, artifacts: Any = None,
+                 on_completed: Callable[[str, int, dict[str, Any]], Any] | None = None) -> None:
         self.store, self.stages, self.owner = store, stages, owner
         self.metrics = metrics if metrics is not None else JobMetrics("other")
         self.watchdog, self.max_retries, self.retry_after_s = watchdog, max_retries, retry_after_s
         self.on_cancelled = on_cancelled  # async callable(job_id): clean up a cancelled job's artifacts
+        self.on_completed = on_completed  # callable(job_id, attempt, Decode's result), sync or async
+        # `artifacts`: the ArtifactStore the stages checkpoint into (None, or colocated: no resuming).
+        enabled = artifacts is not None and watchdog.checkpoint_stages and "encode" in stages
+        self.checkpoints = Checkpoints(artifacts) if enabled else None
+        self._no_resume: set[str] = set()  # jobs whose checkpoint failed to load: their next attempt starts over
+        self._cancel_seen: dict[str, float] = {}  # when this driver first saw each job's DELETE
+        self._claim_after = 0.0  # monotonic time before which no orphan is claimed (the store was just away)
         self._tasks: dict[str, asyncio.Task] = {}
         self._aborts: dict[str, asyncio.Future] = {}
         # The record of each job driven here as of the last watchdog round (at most `interval_s` old): status
@@ -141,6 +155,8 @@ class JobDriver:
             self._tasks.pop(job_id, None)
             self._aborts.pop(job_id, None)
             self._views.pop(job_id, None)
+            self._no_resume.discard(job_id)
+            self._cancel_seen.pop(job_id, None)
             self.metrics.set_in_flight(len(self._tasks))
 
     async def _attempt(self, job_id: str, begun: dict[str, Any] | None = None) -> bool:
@@ -157,6 +173,7 @@ class JobDriver:
         msg = StageMessage(job_id, attempt, GenerationRequest.model_validate(request["generation"]),
                            request["fps"], request.get("save_frames", False),
                            priority=request.get("priority", "interactive"))
+        msg = replace(msg, resume_from=await self._resume_point(job_id, attempt, msg.request))
         abort = asyncio.get_running_loop().create_future()
         self._aborts[job_id] = abort
         responses = self._submit(msg)
@@ -176,12 +193,19 @@ class JobDriver:
         except JobTimedOut as err:
             if await call(self.store, "fail", job_id, attempt, "timeout", str(err)):
                 ended("failed", "timeout")
+                await self._drop_checkpoints(job_id)
             return False
         except Exception as err:
             await cancel_all(responses)
+            if msg.resume_from and caused_by(err, CheckpointMissing):  # not the job's fault: start over, no retry spent
+                logger.warning("job %s: cannot resume after %s (%s); starting over", job_id, msg.resume_from,
+                               describe(err))
+                self._no_resume.add(job_id)
+                return True
             if not is_replica_loss(err):
                 if await call(self.store, "fail", job_id, attempt, "generation_failed", describe(err)):
                     ended("failed", err)
+                    await self._drop_checkpoints(job_id)
                 return False
             logger.warning("job %s attempt %d lost a replica: %s", job_id, attempt, describe(err))
             verdict = await call(self.store, "retry_or_fail", job_id, attempt, describe(err), self.max_retries)
@@ -191,6 +215,8 @@ class JobDriver:
                 ended(verdict, "retries_exhausted" if verdict == "failed" else "cancelled")
             if verdict == "cancelled":
                 await self._cancelled(job_id)
+            elif verdict == "failed":
+                await self._drop_checkpoints(job_id)
             return verdict == "retry"
         outcome = await call(self.store, "complete", job_id, attempt, result)
         if outcome == "deleted":
@@ -199,12 +225,37 @@ class JobDriver:
         elif outcome == "completed":
             self.metrics.completed(policy, created_at, result)
             self._finished[job_id] = (time.monotonic(), None)  # the next read fetches the final record once
+            await self._drop_checkpoints(job_id)  # a completed job keeps only its video variants
+            await self._completed(job_id, attempt, result)
         return False
+
+    async def _resume_point(self, job_id: str, attempt: int, request: GenerationRequest) -> str | None:
+        """Where this attempt starts: after the last checkpointed stage (a first attempt has none saved)."""
+        if self.checkpoints is None or attempt <= 1 or job_id in self._no_resume:
+            return None
+        after = await self.checkpoints.resume_point(job_id, stages_with_work(list(self.stages), request))
+        if after is not None:
+            logger.info("job %s attempt %d resumes after its %s checkpoint", job_id, attempt, after)
+        return after
+
+    async def _drop_checkpoints(self, job_id: str) -> None:
+        if self.checkpoints is not None:
+            await self.checkpoints.drop(job_id)
+
+    async def _completed(self, job_id: str, attempt: int, result: dict[str, Any]) -> None:
+        if self.on_completed is None:
+            return
+        try:
+            done = self.on_completed(job_id, attempt, result)
+            if inspect.isawaitable(done):
+                await done
+        except Exception as err:  # an observer's failure is not the job's
+            logger.warning("on_completed for job %s failed: %s", job_id, describe(err))
 
     def _submit(self, msg: StageMessage) -> list[Any]:
         """Chain the stages by handle: each gets the previous one's response, i.e. an object reference."""
         responses, previous = [], msg
-        for name in stages_with_work(list(self.stages), msg.request):
+        for name in resume_chain(stages_with_work(list(self.stages), msg.request), msg.resume_from):
             previous = self.stages[name].remote(previous)
             responses.append(previous)
         return responses
@@ -225,6 +276,7 @@ class JobDriver:
     async def _cancelled(self, job_id: str) -> None:
         if self.on_cancelled is not None:
             await self.on_cancelled(job_id)
+        await self._drop_checkpoints(job_id)
 
     # --- the watchdog -------------------------------------------------------------------------------------
     async def _watch_loop(self) -> None:
@@ -235,12 +287,20 @@ class JobDriver:
                 raise
             except Exception as err:
                 logger.warning("job watchdog round failed: %s", describe(err))
+                # The store was away: every driver's leases may have lapsed meanwhile. Take no job over for one
+                # lease after it is back, so that the other drivers renew theirs first (no needless takeovers).
+                self._claim_after = time.monotonic() + self.watchdog.lease_s
             await asyncio.sleep(self.watchdog.interval_s)
 
     async def _watch_once(self) -> None:
         w = self.watchdog
-        seen = await call(self.store, "watch", self.owner, self.active, w.lease_s, self.max_retries,
-                          retry_s=w.interval_s)
+        # Bounded: with no live store replica Serve's router waits for one, and a round must fail, not hang.
+        bound = {"retry_s": w.interval_s, "timeout_s": max(w.lease_s / 3, w.interval_s)}
+        if time.monotonic() < self._claim_after:
+            seen = {"jobs": await call(self.store, "renew", self.owner, self.active, w.lease_s, **bound),
+                    "claimed": []}
+        else:
+            seen = await call(self.store, "watch", self.owner, self.active, w.lease_s, self.max_retries, **bound)
         now = time.time()
         for job_id, job in seen["jobs"].items():
             if job_id in self._views:
@@ -258,13 +318,27 @@ class JobDriver:
         if job["owner"] != self.owner:
             return Superseded(f"job taken over by driver {job['owner']}")
         if job["cancel_requested"]:
-            since = job["stage_started_at"] if job["stage"] else None
-            # A running stage stops itself at the next step; a job waiting in a queue is cut loose now.
-            if since is None or now - (job["heartbeat_at"] or since) > w.cancel_grace_s:
-                return JobCancelled("cancelled while waiting")
+            cancelled = self._cancel_problem(job, now)
+            if cancelled is not None:
+                return cancelled
         if now - job["created_at"] > w.job_timeout_s:
             return JobTimedOut(f"job ran longer than {w.job_timeout_s:g}s")
         if job["stage"] and job["heartbeat_at"] and now - job["heartbeat_at"] > w.stage_timeout_s:
             return StageStalled(f"stage {job['stage']} on replica {job['stage_replica']} sent no heartbeat for "
                                 f"{w.stage_timeout_s:g}s")
+        return None
+
+    def _cancel_problem(self, job: dict[str, Any], now: float) -> JobCancelled | None:
+        """A deleted job: one waiting between stages is cut loose now; a running stage stops itself at its next
+        step boundary (its own JobCancelled says where), and is cut loose only `cancel_grace_s` after this driver
+        saw the DELETE (not after its last heartbeat: one slow step must not count as waiting)."""
+        seen = self._cancel_seen.setdefault(job["id"], now)
+        stage = job["stage"]
+        if not stage:
+            started = job["status"] != "queued"
+            return JobCancelled("cancelled while queued for its next stage" if started else
+                                "cancelled before it started")
+        if now - seen > self.watchdog.cancel_grace_s:
+            return JobCancelled(f"cancelled during {stage}: the stage did not stop within "
+                                f"{self.watchdog.cancel_grace_s:g}s of the request")
         return None

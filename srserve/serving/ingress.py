@@ -2,29 +2,43 @@
 
 It implements `srserve.api.routes.VideoService`; the FastAPI app is built per replica once the handles are
 there (`__serve_build_asgi_app__`). It never loads a handoff state: stages pass it among themselves.
+
+Every video belongs to the caller (API key name) that created it: other callers get 404 for it, admins see all.
+Admission: the request's cost is estimated per stage (srserve.serving.admission, prices refined from completed
+jobs), refused over `max_request_cost_s`, and the JobStore checks the caller's quotas and the deadline atomically.
+A periodic sweep removes expired and deleted records and their artifacts.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
 
 from ray import serve
 
+from srserve.api.auth import Caller, KeyRing
 from srserve.api.protocol import (
     VARIANTS, ApiError, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
 )
 from srserve.api.routes import create_app
 from srserve.pipeline.card import ModelCard, model_card
 from srserve.pipeline.spec import resolve_model_spec
+from srserve.serving import admission
 from srserve.serving.args import AppArgs
 from srserve.serving.artifacts import ArtifactStore
-from srserve.serving.calls import call, describe
+# Store calls here answer HTTP requests: bounded, 503 store_unavailable + Retry-After when the store is away.
+from srserve.serving.calls import call_for_request as call
+from srserve.serving.calls import describe
 from srserve.serving.driver import JobDriver
+from srserve.serving.job_record import public_record, short_message
 from srserve.serving.logs import install_job_filter
 from srserve.serving.messages import HandoffProbe
 from srserve.serving.metrics import JobMetrics, refusal_reason
+
+logger = logging.getLogger("ray.serve")
+CAPACITY_TTL_S = 30.0  # how long a replica count read from serve.status() is used
 
 
 def model_info(args: AppArgs) -> ModelCard:
@@ -37,14 +51,39 @@ def to_video(job: dict[str, Any]) -> Video:
     request, status, error = job["request"], job["status"], job.get("error")
     if status == "cancelled":  # only DELETE cancels, and deleted jobs are not shown; kept for completeness
         status, error = "failed", {"code": "cancelled", "message": "the job was cancelled"}
+    if error:  # records written before messages were kept short
+        error = {"code": error.get("code", "failed"), "message": short_message(error.get("message", ""))}
     return Video(id=job["id"], created_at=int(job["created_at"]), model=job["model"],
                  completed_at=int(job["completed_at"]) if job.get("completed_at") else None,
                  progress=job["progress"], prompt=request["generation"]["prompt"], seconds=request["seconds"],
-                 size=request["size"], status=status, error=error)
+                 size=request["size"], status=status, error=error,
+                 expires_at=int(job["expires_at"]) if job.get("expires_at") else None)
 
 
 def not_found(video_id: str) -> ApiError:
-    return ApiError(404, f"video_id: no video {video_id!r}", param="video_id", code="not_found")
+    return ApiError(404, f"video_id: no video {video_id[:100]!r}", param="video_id", code="not_found")
+
+
+def visible(job: dict[str, Any] | None, caller: Caller) -> bool:
+    """Whether `caller` may see the job: its own (by key name), or any for an admin."""
+    return job is not None and (caller.admin or job.get("tenant", "anonymous") == caller.name)
+
+
+def refused(refusal: dict[str, Any]) -> ApiError:
+    """The ApiError of a refusal from admission (quota, deadline, ceiling)."""
+    status, retry = refusal["status"], refusal.get("retry_after_s")
+    kind = {429: "rate_limit_error", 503: "server_error"}.get(status, "invalid_request_error")
+    return ApiError(status, refusal["message"], param=refusal.get("param"), code=refusal["code"], type=kind,
+                    headers={"Retry-After": str(retry)} if retry is not None else None)
+
+
+def stage_times(reports: Any, attempt: int) -> dict[str, float]:
+    """Seconds per stage of one attempt, from the stage events that rode with the job."""
+    stages: dict[str, dict[str, float]] = {}
+    for event in reports or ():
+        if event.get("attempt", attempt) == attempt and event.get("kind") in ("start", "end"):
+            stages.setdefault(event["stage"], {})[event["kind"]] = event["at"]
+    return admission.stage_seconds(stages)
 
 
 class _Content:
@@ -64,6 +103,12 @@ class Ingress(HandoffProbe):
         """`stages`: the handles a job goes through, in order (encode, sketch, render, decode; or colocated)."""
         self.args = AppArgs.model_validate(args)
         self.model = model_info(self.args)
+        # Read once here: the args object does no I/O. None: no keys, every caller is ANONYMOUS.
+        self.keys = KeyRing.load(self.args.auth.api_keys_file) if self.args.auth else None
+        a = self.args.admission
+        self.prices = admission.Prices(a.sketch_s_per_token_step, a.render_s_per_token_step, a.encode_s,
+                                       a.decode_s_per_token, a.attention_tokens, a.learn_rate)
+        self._capacity: tuple[float, dict[str, int]] = (0.0, self._configured_capacity())
         install_job_filter()
         self.jobs = JobMetrics(self.model.name)
         self.store = store
@@ -72,23 +117,43 @@ class Ingress(HandoffProbe):
         stages = {name: handle.options(_by_reference=True) for name, handle in stages.items()}
         self.owner = serve.get_replica_context().replica_id.unique_id
         self.driver = JobDriver(store, stages, self.owner, self.args.watchdog, self.args.max_retries,
-                                self.args.retry_after_s, on_cancelled=self._drop_artifacts, metrics=self.jobs)
+                                self.args.retry_after_s, on_cancelled=self._drop_artifacts, metrics=self.jobs,
+                                on_completed=self._completed, artifacts=self.artifacts)
         self.driver.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self, title=f"srserve ({self.model.name})", on_refused=self._refused)
+        return create_app(self, title=f"srserve ({self.model.name})", on_refused=self._refused, keys=self.keys,
+                          api_docs=self.args.api_docs, max_body_bytes=self.args.max_body_bytes)
 
     async def __del__(self) -> None:
+        self._sweeper.cancel()
         await self.driver.stop()
 
     # --- VideoService -------------------------------------------------------------------------------------
-    async def create(self, body: VideoCreateBody) -> Video:
+    async def create(self, body: VideoCreateBody, caller: Caller) -> Video:
         resolved = resolve_create(body, self.model, self.args.limits)
+        generation = resolved.generation.model_dump(mode="json")
+        estimate = self.prices.estimate(admission.request_shape(generation, self.model,
+                                                                self.args.admission.adaptive_sketch_fraction))
+        ceiling = admission.check_ceiling(estimate, self.args.admission.max_request_cost_s, generation,
+                                          self.model, resolved.size)
+        if ceiling is not None:
+            raise refused(ceiling.as_dict())
         now, job_id = time.time(), f"video_{uuid.uuid4().hex}"
-        request = {**resolved.model_dump(mode="json"), "save_frames": self.args.save_frames_npy}
+        deadline_s, param = self._deadline(body, generation)
+        request = {**resolved.model_dump(mode="json"), "save_frames": self.args.save_frames_npy,
+                   "priority": caller.priority, "deadline_s": deadline_s}
         record = {"id": job_id, "created_at": now, "model": resolved.model, "request": request,
-                  "owner": self.owner, "lease_until": now + self.args.watchdog.lease_s}
-        created = await call(self.store, "create", record, self.args.max_pending_jobs, self.args.watchdog.lease_s)
+                  "owner": self.owner, "lease_until": now + self.args.watchdog.lease_s, "tenant": caller.name,
+                  "cost": admission.total(estimate), "estimate": estimate, "expires_at": now + self.args.job_ttl_s}
+        quota = {**self.args.auth.quotas.model_dump(), **caller.quota} if self.args.auth else None
+        deadline = {"deadline_s": deadline_s, "capacity": await self._stage_capacity(), "param": param,
+                    "colocated": self.args.mode == "colocated"} if self.args.admission.check_deadline else None
+        created = await call(self.store, "create", record, self.args.max_pending_jobs, self.args.watchdog.lease_s,
+                             quota, deadline)
+        if created is not None and "refused" in created:
+            raise refused(created["refused"])
         if created is None:
             raise ApiError(429, f"too many jobs in flight (max_pending_jobs={self.args.max_pending_jobs}); "
                                 f"retry after {self.args.retry_after_s}s", code="queue_full",
@@ -97,33 +162,46 @@ class Ingress(HandoffProbe):
         self.driver.drive(job_id, created)
         return to_video(created)
 
+    def _deadline(self, body: VideoCreateBody, generation: dict[str, Any]) -> tuple[float, str]:
+        """The job's deadline (the lowest of job_timeout_s, default_deadline_s and the request's deadline_s) and
+        the field a refusal names: deadline_s when the request set it, else the field that costs most."""
+        asked = getattr(body, "deadline_s", None)  # an optional create field
+        limits = [self.args.watchdog.job_timeout_s, self.args.admission.default_deadline_s]
+        deadline = min(v for v in limits if v is not None)
+        if asked is not None and asked < deadline:
+            return float(asked), "deadline_s"
+        return deadline, admission.largest_field(generation, self.model)
+
     def _refused(self, status: int, code: str | None) -> None:
         """A POST /v1/videos answered with an error (the API's error handlers call this)."""
-        self.jobs.refused(refusal_reason(status, code))
+        code = "quota" if code and code.startswith("quota_") else "deadline" if code == "deadline_unreachable" \
+            else code
+        self.jobs.refused(code if code in ("quota", "deadline") else refusal_reason(status, code))
 
-    async def retrieve(self, video_id: str) -> Video:
-        job = await self._read(video_id)
+    async def retrieve(self, video_id: str, caller: Caller) -> Video:
+        job = await self._read(video_id, caller)
         if job is None:
             raise not_found(video_id)
         return to_video(job)
 
-    async def list(self, after: str | None, limit: int, order: str) -> VideoList:
-        jobs, has_more = await call(self.store, "list", after, limit, order)
+    async def list(self, after: str | None, limit: int, order: str, caller: Caller) -> VideoList:
+        tenant = None if caller.admin else caller.name  # in SQL: another key's jobs are not even read
+        jobs, has_more = await call(self.store, "list", after, limit, order, tenant)
         videos = [to_video(job) for job in jobs]
         return VideoList(data=videos, has_more=has_more, first_id=videos[0].id if videos else None,
                          last_id=videos[-1].id if videos else None)
 
-    async def delete(self, video_id: str) -> VideoDeleted:
-        before = await call(self.store, "delete", video_id)
-        self.driver.forget(video_id)
+    async def delete(self, video_id: str, caller: Caller) -> VideoDeleted:
+        before = await call(self.store, "delete", video_id, None if caller.admin else caller.name)
         if before is None:
             raise not_found(video_id)
+        self.driver.forget(video_id)
         if before["status"] in ("completed", "failed", "cancelled"):
             await self._drop_artifacts(video_id)
         return VideoDeleted(id=video_id)
 
-    async def content(self, video_id: str, variant: str) -> _Content:
-        job = await self._read(video_id)
+    async def content(self, video_id: str, variant: str, caller: Caller) -> _Content:
+        job = await self._read(video_id, caller)
         if job is None:
             raise not_found(video_id)
         if job["status"] != "completed":
@@ -135,11 +213,11 @@ class Ingress(HandoffProbe):
                            code="not_found")
         return _Content(self.artifacts, video_id, name, media_type)
 
-    async def job(self, video_id: str) -> dict[str, Any]:
+    async def job(self, video_id: str, caller: Caller) -> dict[str, Any]:
         job = await call(self.store, "get", video_id, True)
-        if job is None:
+        if not visible(job, caller):
             raise not_found(video_id)
-        return job
+        return public_record(job)
 
     async def models(self) -> list[str]:
         return [self.model.name]
@@ -160,13 +238,75 @@ class Ingress(HandoffProbe):
                            headers={"Retry-After": "1"})
         return {"status": "ready", "model": self.model.name, "deployments": statuses}
 
-    async def _read(self, video_id: str) -> dict[str, Any] | None:
-        """A video's record: from this replica's driver when it runs (or just ran) the job, else the store."""
+    async def _read(self, video_id: str, caller: Caller) -> dict[str, Any] | None:
+        """A video's record when `caller` may see it: from this replica's driver when it runs (or just ran) the
+        job, else the store. The driver's caches hold every tenant's jobs: the check is on whatever came back."""
         job = self.driver.view(video_id)
         if job is None:
             job = await call(self.store, "get", video_id)
             self.driver.remember(job)
-        return job
+        return job if visible(job, caller) else None
 
     async def _drop_artifacts(self, job_id: str) -> None:
         await asyncio.to_thread(self.artifacts.delete, job_id)
+
+    # --- what admission learns and knows ------------------------------------------------------------------
+    def _completed(self, job_id: str, attempt: int, result: dict[str, Any]) -> None:
+        """The driver's hook after a job completed: its stage times refine the prices."""
+        job = self.driver.view(job_id)
+        if not self.args.admission.learn or job is None:
+            return
+        shape = admission.request_shape(job["request"]["generation"], self.model,
+                                        self.args.admission.adaptive_sketch_fraction)
+        self.prices.learn(shape, stage_times(result.get("reports"), attempt), result.get("switch_step"))
+
+    def _configured_capacity(self) -> dict[str, int]:
+        """Replicas per stage as configured (autoscaling: its minimum, at least 1)."""
+        out = {}
+        for name, options in self.args.stages().items():
+            scaling = options.autoscaling_config or {}
+            out[name] = max(1, int(scaling.get("min_replicas", options.num_replicas) if scaling
+                                   else options.num_replicas))
+        return out
+
+    async def _stage_capacity(self) -> dict[str, int]:
+        """Running replicas per stage from serve.status() (cached CAPACITY_TTL_S), else as configured."""
+        read_at, capacity = self._capacity
+        if time.monotonic() - read_at < CAPACITY_TTL_S:
+            return capacity
+        self._capacity = (time.monotonic(), capacity)  # one refresh at a time; the old value meanwhile
+        try:
+            app = serve.get_replica_context().app_name
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[app].deployments
+            running = {name: sum(n for state, n in (deployments[name.capitalize()].replica_states or {}).items()
+                                 if "RUNNING" in str(state)) for name in capacity}
+            self._capacity = (time.monotonic(), {n: max(1, v) for n, v in running.items()})
+        except Exception as err:  # keep what we had: admission must not fail on a status read
+            logger.debug("replica counts not read: %s", describe(err))
+        return self._capacity[1]
+
+    # --- hygiene: expired and deleted records ---------------------------------------------------------------
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.args.sweep_interval_s)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                logger.warning("sweep of expired jobs failed: %s", describe(err))
+
+    async def sweep(self) -> int:
+        """Remove expired records and deleted ones with their artifacts (artifacts first, so nothing is left
+        behind if this replica dies halfway); returns how many records were purged."""
+        purged, batch = 0, 100
+        while True:
+            ids = await call(self.store, "expired", None, batch)
+            for job_id in ids:
+                await self._drop_artifacts(job_id)
+                self.driver.forget(job_id)
+            done = await call(self.store, "purge", ids)
+            purged += done
+            if len(ids) < batch or not done:
+                return purged

@@ -2,6 +2,7 @@
 change it: pure functions of the record, no I/O."""
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Iterable, Literal
 
@@ -34,14 +35,19 @@ class JobRecord(BaseModel):
     num_steps: int = 0
     attempt: int = 0  # pipeline submissions so far
     failures: int = 0  # retriable failures so far (replica died, stage stalled, driver lost)
-    owner: str | None = None  # the driver (ingress replica) holding the lease
+    owner: str | None = None  # the driver (ingress replica) holding the lease (not the tenant)
+    tenant: str = "anonymous"  # the API key's name that created the job: only it (and admins) see the job
+    cost: float = 0.0  # estimated seconds of stage work, all stages (srserve.serving.admission)
+    estimate: dict[str, float] = Field(default_factory=dict)  # the same per stage, and the expected switch fraction
+    expires_at: float | None = None  # the record and its videos are removed after this
     lease_until: float = 0.0
     heartbeat_at: float | None = None
     cancel_requested: bool = False
     deleted: bool = False
     stages: dict[str, StageRecord] = Field(default_factory=dict)
     switch_step: int | None = None
-    error: dict[str, str] | None = None
+    checkpoint: str | None = None  # the last stage whose handed-on state was saved (a retry resumes after it)
+    error: dict[str, str] | None = None  # {code, message}: a reason code and a short message (see `reason`)
     history: list[str] = Field(default_factory=list)  # reasons of earlier failed attempts
     artifacts: dict[str, str] = Field(default_factory=dict)
     completed_at: float | None = None
@@ -49,6 +55,54 @@ class JobRecord(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+
+# --- what owners see: reason codes, short messages, no paths ----------------------------------------------------
+REASONS = (  # (code, pattern in the failure's text): the first match names it; full texts go to the server log
+    ("out_of_memory", re.compile(r"out of memory|OutOfMemory|\bOOM\b", re.I)),
+    ("stage_stalled", re.compile(r"sent no heartbeat|StageStalled")),
+    ("driver_lost", re.compile(r"driver \S+ was lost")),
+    ("replica_lost", re.compile(r"RayActorError|ActorDiedError|ActorUnavailable|ObjectLost|OwnerDied|"
+                                r"DeploymentUnavailable|died", re.I)),
+    ("timeout", re.compile(r"ran longer than|timed? ?out", re.I)),
+)
+MAX_MESSAGE = 200
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[\w.@+-]+){2,}/?")
+_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
+_LONG_HEX = re.compile(r"\b[0-9a-f]{24,}\b")
+
+
+def short_message(text: str) -> str:
+    """The first line, without file paths, addresses or long ids, at most MAX_MESSAGE characters."""
+    lines = str(text).strip().splitlines()
+    line = lines[0] if lines else ""
+    line = _ADDRESS.sub("<address>", _PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], line))
+    line = _LONG_HEX.sub(lambda m: m.group(0)[:8], line)
+    return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE - 3] + "..."
+
+
+def reason(code: str, text: str) -> dict[str, str]:
+    """`{code, message}` for a failure: a generic code is refined from the text (out_of_memory, replica_lost...)."""
+    if code in ("generation_failed", "failed"):
+        code = next((c for c, pattern in REASONS if pattern.search(str(text))), code)
+    return {"code": code, "message": short_message(text)}
+
+
+def public_record(job: dict[str, Any]) -> dict[str, Any]:
+    """The record as `GET /v1/jobs/{id}` shows it: artifacts by name, errors as {code, message}, no lease data."""
+    out = {k: v for k, v in job.items() if k not in ("owner", "lease_until", "estimate")}
+    out["artifacts"] = sorted(job.get("artifacts") or {})
+    if job.get("error"):
+        out["error"] = {"code": job["error"].get("code", "failed"),
+                        "message": short_message(job["error"].get("message", ""))}
+    out["history"] = [short_message(h) for h in job.get("history") or ()]
+    return out
+
+
+def erase_prompt(request: dict[str, Any]) -> dict[str, Any]:
+    """A deleted job's request without its prompts (user data is not kept past DELETE)."""
+    generation = {**request.get("generation", {}), "prompt": "", "negative_prompt": ""}
+    return {**request, "generation": generation}
 
 
 def stage_progress(stage: str, step: int, num_steps: int, done: bool) -> int:
@@ -91,6 +145,8 @@ def finished(job: JobRecord, attempt: int, stage: str, info: dict[str, Any], at:
         record.handoff = info.get("handoff")
     if info.get("switch_step") is not None:
         job.switch_step = int(info["switch_step"])
+    if info.get("checkpoint"):
+        job.checkpoint = str(info["checkpoint"])
     if info.get("num_steps"):
         job.num_steps = int(info["num_steps"])
     if job.terminal:

@@ -6,20 +6,28 @@ often than that (progress heartbeats, lease renewals, what the watchdog reads) l
 those calls are one small UPDATE, not a load-validate-dump-rewrite of the record. Updates carry the attempt
 number they belong to: a stage or driver of a superseded attempt is told to stop (fencing), so a retried job
 never takes results from a zombie.
+
+Each record belongs to a tenant (the API key's name); `create` checks the tenant's quotas and the job's deadline
+against the jobs in flight under the same lock as the global limit, so concurrent creates cannot overshoot.
 """
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from srserve.serving import admission
 from srserve.serving.job_record import (  # noqa: F401  (the record's API, re-exported)
-    TERMINAL, JobRecord, StageRecord, Status, apply_events, finished, stage_progress, started)
+    TERMINAL, JobRecord, StageRecord, Status, apply_events, erase_prompt, finished, reason, short_message,
+    stage_progress, started)
 
+logger = logging.getLogger("ray.serve")
 ACTIVE_SQL = "status IN ('queued', 'in_progress')"
+TERMINAL_SQL = "status IN ('completed', 'failed', 'cancelled')"
 T = TypeVar("T")
 
 
@@ -29,7 +37,11 @@ COLUMNS = {"status": "TEXT NOT NULL", "deleted": "INTEGER NOT NULL DEFAULT 0",
            "stage": "TEXT", "stage_started_at": "REAL", "stage_replica": "TEXT", "heartbeat_at": "REAL",
            "step": "INTEGER NOT NULL DEFAULT 0", "num_steps": "INTEGER NOT NULL DEFAULT 0",
            "progress": "INTEGER NOT NULL DEFAULT 0", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
-           "created_at": "REAL NOT NULL DEFAULT 0"}
+           "created_at": "REAL NOT NULL DEFAULT 0", "tenant": "TEXT NOT NULL DEFAULT 'anonymous'",
+           "cost": "REAL NOT NULL DEFAULT 0", "expires_at": "REAL"}
+# What a record written before a column existed gets in it when its JSON has no such field.
+_DEFAULTS = {"attempt": 0, "step": 0, "num_steps": 0, "progress": 0, "created_at": 0, "lease_until": 0,
+             "tenant": "anonymous", "cost": 0.0}
 _NAMES = tuple(COLUMNS)
 _SELECT = "SELECT data, " + ", ".join(_NAMES) + " FROM jobs"
 _BOOLS = ("deleted", "cancel_requested")
@@ -53,6 +65,14 @@ def _row(row: tuple) -> dict[str, Any]:
     return data
 
 
+def _logged(job_id: str, text: str) -> str:
+    """A failure's short message for the record; the full text goes to the server log when it was cut."""
+    short = short_message(text)
+    if short != text:
+        logger.warning("job %s: %s", job_id, text)
+    return short
+
+
 class SQLiteJobStore:
     def __init__(self, path: str) -> None:
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +85,8 @@ class SQLiteJobStore:
                          + ", ".join(f"{n} {t}" for n, t in COLUMNS.items()) + ")")
         self._migrate()
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status, lease_until)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, seq)")  # list, per key
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at)")  # quotas
 
     def _migrate(self) -> None:
         """Stores written before the hot fields had columns: add them, filled from each record's JSON."""
@@ -77,8 +99,8 @@ class SQLiteJobStore:
             self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         for job_id, data in self._db.execute("SELECT id, data FROM jobs").fetchall():
             record = json.loads(data)
-            values = [int(bool(record.get(n))) if n in _BOOLS else record.get(n, 0 if n in ("attempt", "step",
-                      "num_steps", "progress", "created_at", "lease_until") else None) for n in missing]
+            values = [int(bool(record.get(n))) if n in _BOOLS else record.get(n, _DEFAULTS.get(n))
+                      for n in missing]
             self._db.execute(f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in missing)} WHERE id = ?",
                              (*values, job_id))
 
@@ -119,22 +141,28 @@ class SQLiteJobStore:
         job = _row(row) if row else None
         return None if job is None or (job["deleted"] and not include_deleted) else job
 
-    def list(self, after: str | None = None, limit: int = 20, order: str = "desc") -> tuple[list[dict], bool]:
+    def list(self, after: str | None = None, limit: int = 20, order: str = "desc",
+             tenant: str | None = None) -> tuple[list[dict], bool]:
+        """One page of visible jobs; with `tenant`, only its own (an `after` id of another tenant is unknown)."""
         op, direction = ("<", "DESC") if order == "desc" else (">", "ASC")
+        mine, params = ("deleted = 0", []) if tenant is None else ("deleted = 0 AND tenant = ?", [tenant])
         with self._lock:
-            where, params = "deleted = 0", []
+            where = mine
             if after is not None:
-                row = self._db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
+                owned = "" if tenant is None else " AND tenant = ?"
+                row = self._db.execute(f"SELECT seq FROM jobs WHERE id = ?{owned}", (after, *params)).fetchone()
                 if row is not None:
-                    where, params = f"deleted = 0 AND seq {op} ?", [row[0]]
+                    where, params = f"{mine} AND seq {op} ?", [*params, row[0]]
             rows = self._db.execute(f"{_SELECT} WHERE {where} ORDER BY seq {direction} LIMIT ?",
                                     (*params, limit + 1)).fetchall()
         return [_row(r) for r in rows[:limit]], len(rows) > limit
 
     # --- the driver's side --------------------------------------------------------------------------------
-    def create(self, job: dict[str, Any], max_active: int | None = None,
-               begin_lease_s: float | None = None) -> dict[str, Any] | None:
-        """Insert a new job; None when `max_active` jobs are already queued or in progress (admission).
+    def create(self, job: dict[str, Any], max_active: int | None = None, begin_lease_s: float | None = None,
+               quota: dict[str, Any] | None = None, deadline: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Insert a new job; None when `max_active` jobs are already queued or in progress (admission);
+        `{"refused": {status, code, message, retry_after_s, param}}` when the tenant's `quota` (max_in_flight,
+        max_per_minute, max_cost_in_flight) or the `deadline` ({deadline_s, capacity, colocated, param}) refuses it.
 
         With `begin_lease_s` the job's first attempt begins at once (as `begin_attempt` would, in the same call).
         """
@@ -147,9 +175,24 @@ class SQLiteJobStore:
             if max_active is not None and \
                     self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {ACTIVE_SQL}").fetchone()[0] >= max_active:
                 return None
+            refusal = self._admit(record, quota, deadline) if quota or deadline else None
+            if refusal is not None:
+                return {"refused": refusal.as_dict()}
             self._db.execute(f"INSERT INTO jobs (id, data, {', '.join(_NAMES)}) VALUES (?, ?{', ?' * len(_NAMES)})",
                              (record.id, record.model_dump_json(), *values))
         return record.model_dump()
+
+    def _admit(self, job: JobRecord, quota: dict[str, Any] | None,
+               deadline: dict[str, Any] | None) -> admission.Refusal | None:
+        """The tenant's quotas, then the deadline under the current queue (under the lock)."""
+        active = [(tenant, cost, progress, json.loads(estimate or "{}")) for tenant, cost, progress, estimate in
+                  self._db.execute(f"SELECT tenant, cost, progress, json_extract(data, '$.estimate') FROM jobs "
+                                   f"WHERE {ACTIVE_SQL}")]
+        now = time.time()
+        recent = [r[0] for r in self._db.execute(
+            "SELECT created_at FROM jobs WHERE tenant = ? AND created_at > ? ORDER BY created_at",
+            (job.tenant, now - admission.WINDOW_S))] if quota else []
+        return admission.admit(job.tenant, job.cost, job.estimate, active, recent, quota, deadline, now)
 
     def begin_attempt(self, job_id: str, owner: str, lease_s: float) -> dict[str, Any] | None:
         """Start the next pipeline submission; None when the job must not run (finished, cancelled)."""
@@ -228,21 +271,23 @@ class SQLiteJobStore:
 
         return self._edit(job_id, decide, missing="stale")
 
-    def _record_failure(self, job: JobRecord, reason: str, max_retries: int) -> None:
+    def _record_failure(self, job: JobRecord, text: str, max_retries: int) -> None:
         job.failures += 1
-        job.history.append(reason)
+        short = _logged(job.id, text)
+        job.history.append(short)
         job.stage = None
         if job.failures > max_retries:
             job.status = "failed"
             job.completed_at = time.time()
             job.error = {"code": "retries_exhausted",
-                         "message": f"gave up after {job.failures} failed attempts; last: {reason}"}
+                         "message": f"gave up after {job.failures} failed attempts; last: {short}"[:200]}
 
     def fail(self, job_id: str, attempt: int, code: str, message: str) -> bool:
         def fail(job: JobRecord) -> Any:
             if job.attempt != attempt or job.terminal:
                 return Keep(False)
-            job.status, job.error, job.completed_at = "failed", {"code": code, "message": message}, time.time()
+            job.status, job.error, job.completed_at = "failed", reason(code, message), time.time()
+            _logged(job_id, message)
             job.stage = None
             return True
 
@@ -278,23 +323,44 @@ class SQLiteJobStore:
             if job.terminal:
                 return Keep(job.status == "cancelled")
             job.status, job.stage, job.completed_at = "cancelled", None, time.time()
-            job.error = {"code": "cancelled", "message": reason}
+            job.error = {"code": "cancelled", "message": _logged(job_id, reason)}
             return True
 
         return self._edit(job_id, cancel, missing=False)
 
-    def delete(self, job_id: str) -> dict[str, Any] | None:
-        """Hide the job and ask its stages to stop at the next step boundary; the record stays for audit."""
+    def delete(self, job_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """Hide the job (with `tenant`: only its own), erase its prompts, and ask its stages to stop at the next step
+        boundary; the rest of the record stays until `expired` lists it for purging."""
         def delete(job: JobRecord) -> Any:
-            if job.deleted:
+            if job.deleted or (tenant is not None and job.tenant != tenant):
                 return Keep(None)
-            before = job.model_dump()
-            job.deleted = True
+            before = {"id": job.id, "status": job.status, "tenant": job.tenant}
+            job.deleted, job.request = True, erase_prompt(job.request)
             if not job.terminal:
                 job.cancel_requested = True
             return before
 
         return self._edit(job_id, delete)
+
+    # --- hygiene: expiry and purging ----------------------------------------------------------------------
+    def expired(self, now: float | None = None, limit: int = 100) -> list[str]:
+        """Finished jobs past `expires_at`, and deleted ones out of the quota window: to purge once their
+        artifacts are gone (the caller removes those, then calls `purge`)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM jobs WHERE {TERMINAL_SQL} AND ((expires_at IS NOT NULL AND expires_at < ?) OR "
+                f"(deleted = 1 AND created_at < ?)) LIMIT ?", (now, now - admission.WINDOW_S, limit)).fetchall()
+        return [r[0] for r in rows]
+
+    def purge(self, job_ids: list[str]) -> int:
+        """Delete finished records for good (after their artifacts were removed)."""
+        if not job_ids:
+            return 0
+        with self._lock:
+            cursor = self._db.execute(f"DELETE FROM jobs WHERE {TERMINAL_SQL} AND id IN ({', '.join('?' * len(job_ids))})",
+                                      list(job_ids))
+        return cursor.rowcount
 
     # --- the stages' side: each returns True when the caller must stop -----------------------------------
     def report(self, events: list[dict[str, Any]]) -> list[str]:

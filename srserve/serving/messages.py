@@ -59,10 +59,13 @@ class StageMessage:
     reports: tuple[dict[str, Any], ...] = ()
     # Scheduling class of the key that created the job ("interactive" before "batch" in the denoising stages).
     priority: str = "interactive"
+    # A retried job resumes after the stage whose handed-on state was checkpointed (the artifact store's
+    # `checkpoints/<stage>.bin`): Encode, first of every chain, loads that state instead of making step 0.
+    resume_from: str | None = None
 
     def __reduce__(self):
         fields = (self.job_id, self.attempt, self.request, self.fps, self.save_frames, self.embeddings,
-                  self.reports, self.priority)
+                  self.reports, self.priority, self.resume_from)
         if self.state is None:
             return _load_message, (*fields, None, None)
         began = time.perf_counter()
@@ -117,7 +120,7 @@ def _tensor(data: Any, dtype: str, shape: tuple[int, ...]) -> Any:
 
 
 def _load_message(job_id: str, attempt: int, request: GenerationRequest, fps: int, save_frames: bool,
-                  embeddings: Any, reports: tuple, priority: str, wire: tuple | None,
+                  embeddings: Any, reports: tuple, priority: str, resume_from: str | None, wire: tuple | None,
                   sent: dict[str, float] | None) -> StageMessage:
     HandoffProbe.loads += 1
     state = transfer = None
@@ -126,4 +129,5 @@ def _load_message(job_id: str, attempt: int, request: GenerationRequest, fps: in
         state = load_state(wire[0], list(wire[1:]))
         transfer = {"bytes": sent["bytes"], "serialize_s": sent["serialize_s"],
                     "transit_s": max(0.0, arrived - sent["sent_at"]), "deserialize_s": time.perf_counter() - began}
-    return StageMessage(job_id, attempt, request, fps, save_frames, state, embeddings, transfer, reports, priority)
+    return StageMessage(job_id, attempt, request, fps, save_frames, state, embeddings, transfer, reports, priority,
+                        resume_from)

@@ -5,7 +5,9 @@ progress of each running job (every denoising step overwrites the last). Every `
 any or runs a job, it sends them all in one `store.report(events)` call, whose answer names the jobs that must stop (a
 DELETE, or a superseded attempt): their `Watch` is set, and the denoising loop stops them at the next step
 boundary. So a replica makes at most one store call per interval whatever its batch size and step rate, and a
-DELETE stops a running stage within about one interval plus one step.
+DELETE stops a running stage within about one interval plus one step. A request the denoising scheduler keeps
+paused (resident, not stepped while others are) still heartbeats and is still stopped at the next boundary;
+Decode watches too, and stops between the chunks of its work.
 
 Stage ends also ride with the job (`StageMessage.reports`) to Decode, whose result carries them to
 `store.complete`, so a finished job's record is whole without waiting for a report.
@@ -34,6 +36,7 @@ class Watch:
         self.reporter, self.job_id, self.attempt, self.stage = reporter, job_id, attempt, stage
         self.stop = threading.Event()
         self.first_step_at: float | None = None  # wall clock of the first step done (time to first progress)
+        self._reported_at = 0.0  # monotonic time of the last progress this watch recorded
 
     @property
     def key(self) -> str:
@@ -43,7 +46,17 @@ class Watch:
         """Called by the denoising thread after each step: cheap, no I/O."""
         if self.first_step_at is None:
             self.first_step_at = time.time()
+        self._reported_at = time.monotonic()
         self.reporter.progress(self, step, num_steps)
+
+    def waiting(self, step: int, num_steps: int) -> None:
+        """Called by the denoising thread for a resident request it did not step this time (the scheduler gave
+        the forward to others): a heartbeat at most once per interval, so the watchdog sees it alive while paused.
+        Only a completed forward calls it, so a stuck forward still silences every request of the replica."""
+        now = time.monotonic()
+        if now - self._reported_at >= self.reporter.interval_s:
+            self._reported_at = now
+            self.reporter.progress(self, step, num_steps)
 
     def should_cancel(self) -> bool:
         return self.stop.is_set()

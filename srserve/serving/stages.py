@@ -4,7 +4,8 @@ A job flows as a `StageMessage` (job id, attempt, the handoff state of CPU tenso
 object reference; only Decode returns something to the driver, and that is small metadata. Each hop carries
 what its receiver reads: the prompt embeddings go into the object store once (Encode) and reach both denoising
 stages by reference; Decode gets the latents and the family's state only. Sketch and Render run a step-level
-batch: requests join and leave at step boundaries and same-shape ones share forward passes. Each stage reports
+batch: requests join and leave at step boundaries, same-shape ones share forward passes, and a fair scheduler
+picks each forward (a short job is not held behind long ones; interactive before batch). Each stage reports
 start and end to the JobStore, and progress at most once per `progress_interval_s`; the store's answer tells a
 stage to stop (a DELETE), so the store sees O(stages) writes per job, not O(steps).
 The stages also run in-process inside one `Colocated` replica (colocated.py), sharing a `compute` lock.
@@ -16,7 +17,6 @@ import contextlib
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -29,7 +29,8 @@ from srserve.config import GenerationRequest, ModelSpec
 from srserve.pipeline.engine import Cancelled, DenoiseBatch, SREngine
 from srserve.pipeline.spec import resolve_model_spec
 from srserve.serving.args import EncodeOptions, StageOptions
-from srserve.serving.artifacts import ArtifactStore
+from srserve.serving.artifacts import ArtifactStore, CheckpointMissing, encode_outputs
+from srserve.serving.batch_loop import BatchLoop, Entry
 from srserve.serving.calls import describe
 from srserve.serving.gpu import start_gpu_sampler
 from srserve.serving.logs import install_job_filter, job_context, log_transition
@@ -83,6 +84,9 @@ class _Stage(HandoffProbe):
         self.compute = compute if compute is not None else contextlib.nullcontext()
         self.engine = SREngine.load(resolve_spec(model), roles=self.roles)
         self.store = store
+        # Where the denoising stages save the state they hand on, and Encode loads it for a resumed job.
+        url = self.options.checkpoint_url
+        self.checkpoints = ArtifactStore(url) if url else None
         self.reporter = reporter or Reporter(store, self.options.progress_interval_s)
         self.replica = _replica_id()
         # A Colocated replica passes one "colocated" StageMetrics that its roles share.
@@ -172,12 +176,31 @@ class Encode(_Stage):
     async def __call__(self, msg: StageMessage) -> StageMessage:
         msg = self._begin(msg)
         with self._scope(msg):
+            if msg.resume_from:
+                return await self._resume(msg)
             async with self._turn():
                 state, key = await asyncio.to_thread(self._encode, msg.request)
             msg = self._end(msg, {})
             if not self._by_reference:
                 return replace(msg, state=state)
             return replace(msg, state=state.replace(embeddings=None), embeddings=self._put(key, state.embeddings))
+
+    async def _resume(self, msg: StageMessage) -> StageMessage:
+        """A retried job restarts after the stage `msg.resume_from`: the state that stage handed on, from its
+        checkpoint, with the prompt embeddings when a denoising stage comes next. They are not checkpointed: a
+        pure function of the request, they come from the prompt cache or are encoded again (a fraction of a
+        denoising stage), so the steady state writes only the hop states."""
+        if self.checkpoints is None or not self._by_reference:
+            raise CheckpointMissing(f"job {msg.job_id}: this Encode replica has no checkpoint store")
+        state = await asyncio.to_thread(self.checkpoints.load_checkpoint, msg.job_id, msg.resume_from)
+        embeddings = None
+        if not state.done:
+            async with self._turn():
+                resolved = self.engine.resolve(msg.request)
+                key, value, _ = await asyncio.to_thread(self._embeddings, resolved)
+            embeddings = self._put(key, value)
+        msg = self._end(msg, {"resumed_from": msg.resume_from, "step": state.step_index})
+        return replace(msg, state=state, embeddings=embeddings)
 
     def _put(self, key: tuple, embeddings: Any) -> Any:
         import ray
@@ -193,6 +216,16 @@ class Encode(_Stage):
 
     def _encode(self, request: GenerationRequest) -> tuple[Any, tuple]:
         resolved = self.engine.resolve(request)
+        key, embeddings, seconds = self._embeddings(resolved)
+        with self.compute:
+            began = time.perf_counter()
+            state = self.engine.prepare(resolved, embeddings)
+            self.metrics.observe_step(seconds + time.perf_counter() - began, 1, "encode")
+        return state, key
+
+    def _embeddings(self, resolved: GenerationRequest) -> tuple[tuple, Any, float]:
+        """(cache key, prompt embeddings, seconds encoding) of a resolved request: from the LRU cache (0 s), else
+        encoded and kept."""
         key = (resolved.prompt, resolved.negative_prompt, resolved.max_sequence_length, resolved.guidance_scale,
                resolved.guidance_scale_2)
         embeddings = self._cache.get(key)
@@ -210,25 +243,20 @@ class Encode(_Stage):
         else:
             self.metrics.cache_hit()
             self._cache.move_to_end(key)
-        with self.compute:
-            began = time.perf_counter()
-            state = self.engine.prepare(resolved, embeddings)
-            self.metrics.observe_step(seconds + time.perf_counter() - began, 1, "encode")
-        return state, key
+        return key, embeddings, seconds
 
 
 class _Denoise(_Stage):
-    """Runs a `DenoiseBatch` in one worker thread: admit at step boundaries, step, retire finished requests."""
+    """Runs a `DenoiseBatch` in one worker thread (`BatchLoop`): admit at step boundaries, step what the fair
+    scheduler picks (srserve.pipeline.scheduling), retire finished requests."""
 
     def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any],
                  compute: Any = None, reporter: Reporter | None = None, metrics: StageMetrics | None = None) -> None:
         super().__init__(model, store, options, compute, reporter, metrics)
         self._batch = DenoiseBatch(self.engine.family, self.role, max_batch_size=self.options.max_batch_size)
-        self._inbox: queue.Queue = queue.Queue()
-        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._closed = threading.Event()
         self._keys = itertools.count()
-        threading.Thread(target=self._loop, name=f"{self.role}-batch", daemon=True).start()
+        # The worker thread: admits at step boundaries, steps what the fair scheduler picks (batch_loop.py).
+        self._loop = BatchLoop(self._batch, self.options, self.compute, self.metrics, self.role)
 
     async def __call__(self, msg: StageMessage) -> StageMessage:
         msg = self._begin(msg)
@@ -245,20 +273,40 @@ class _Denoise(_Stage):
                 state = await self._denoise(msg, watch)
             finally:
                 self.reporter.unwatch(watch)
-            msg = self._end(msg, {"switch_step": state.switch_step, "step": state.step_index,
-                                  "num_steps": state.num_steps, "first_step_at": watch.first_step_at})
+            handed, embeddings = self._handed_on(msg, state)
+            info = {"switch_step": state.switch_step, "step": state.step_index, "num_steps": state.num_steps,
+                    "first_step_at": watch.first_step_at, **await self._checkpoint(msg, handed)}
+            msg = self._end(msg, info)
         self.reporter.add(msg.reports[-1])  # the record shows the stage ended before Decode's result lands
+        return replace(msg, state=handed, embeddings=embeddings, transfer=None)
+
+    def _handed_on(self, msg: StageMessage, state: Any) -> tuple[Any, Any]:
+        """(the state the next stage gets, the embeddings reference it carries)."""
         if msg.embeddings is None:  # in memory (Colocated): nothing crosses a process
-            return replace(msg, state=state, transfer=None)
+            return state, None
         if state.done:  # the next stage is Decode: latents and the family's state only
-            return replace(msg, state=state.for_decode(), embeddings=None)
-        return replace(msg, state=state.replace(embeddings=None), transfer=None)
+            return state.for_decode(), None
+        return state.replace(embeddings=None), msg.embeddings
+
+    async def _checkpoint(self, msg: StageMessage, handed: Any) -> dict[str, Any]:
+        """Save the handed-on state, so a retry resumes after this stage; `{"checkpoint": role}` (the stage's end
+        event takes it to the record) once written. Best effort: a failed write only means a retry starts earlier.
+        """
+        if self.checkpoints is None or msg.embeddings is None:  # off, or Colocated (one process: nothing to save)
+            return {}
+        began = time.perf_counter()
+        try:
+            size = await asyncio.to_thread(self.checkpoints.put_checkpoint, msg.job_id, self.role, handed)
+        except Exception as err:
+            logger.warning("job %s: %s checkpoint not written: %s", msg.job_id, self.role, describe(err))
+            return {}
+        return {"checkpoint": self.role, "checkpoint_bytes": size, "checkpoint_s": time.perf_counter() - began}
 
     async def _denoise(self, msg: StageMessage, watch: Watch) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._inbox.put((f"{msg.job_id}#{msg.attempt}#{next(self._keys)}", msg.state, watch, loop, future))
-        self._publish_load()
+        self._loop.submit(Entry(f"{msg.job_id}#{msg.attempt}#{next(self._keys)}", msg.state, watch, msg.priority,
+                                loop, future))
         try:
             return await future
         except asyncio.CancelledError:  # the driver gave up on this call: stop at the next step boundary
@@ -268,62 +316,15 @@ class _Denoise(_Stage):
             raise JobCancelled(f"job {msg.job_id} cancelled in {self.role}: {err}") from None
 
     def load(self) -> int:
-        """Requests in this replica now (denoising or waiting to join the batch)."""
-        return len(self._batch) + self._inbox.qsize()
+        """Requests in this replica now (resident in the batch or waiting to join it)."""
+        return self._loop.load()
 
     def _publish_load(self) -> None:
-        self.metrics.set_load(len(self._batch), self._inbox.qsize(), part=self.role)
-
-    def _loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                self._admit()
-                self._publish_load()
-                if self._batch:
-                    with self.compute, self.metrics.step(len(self._batch), self.role):
-                        finished = self._batch.step()
-                    for key, result in finished.items():
-                        self._resolve(key, result)
-                    self._publish_load()
-            except Exception as err:  # never leave a caller waiting: fail what is in flight, keep serving
-                logger.exception("%s batch loop failed", self.role)
-                for key in list(self._batch.active):
-                    self._batch.discard(key)  # frees its step-cache state too
-                    self._resolve(key, err)
-
-    def _admit(self) -> None:
-        """Move waiting requests into the batch; when idle, wait for one, then linger for companions."""
-        deadline = time.monotonic()
-        if not self._batch:
-            try:
-                self._add(*self._inbox.get(timeout=0.5))
-            except queue.Empty:
-                return
-            deadline += self.options.batch_wait_timeout_s
-        while len(self._batch) < self.options.max_batch_size:
-            remaining = deadline - time.monotonic()
-            try:
-                item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            self._add(*item)
-
-    def _add(self, key: str, state: Any, watch: Watch, loop: asyncio.AbstractEventLoop,
-             future: asyncio.Future) -> None:
-        self._waiting[key] = (loop, future)
-        try:
-            with self.compute:
-                self._batch.add(key, state, on_step=watch.on_step, should_cancel=watch.should_cancel)
-        except Exception as err:
-            self._resolve(key, err)
-
-    def _resolve(self, key: str, result: Any) -> None:
-        loop, future = self._waiting.pop(key, (None, None))
-        if future is not None:
-            loop.call_soon_threadsafe(_settle, future, result)
+        self._loop.publish_load()
 
     def __del__(self) -> None:
-        self._closed.set()
+        if getattr(self, "_loop", None) is not None:
+            self._loop.close()
 
 
 async def _attach_embeddings(msg: StageMessage) -> StageMessage:
@@ -338,15 +339,6 @@ async def _attach_embeddings(msg: StageMessage) -> StageMessage:
                                              if t is not None))
     transfer["embeddings_s"] = time.perf_counter() - began
     return replace(msg, state=msg.state.replace(embeddings=embeddings), transfer=transfer)
-
-
-def _settle(future: asyncio.Future, result: Any) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
 
 
 class Sketch(_Denoise):
@@ -373,16 +365,53 @@ class Decode(_Stage):
         self.artifacts = ArtifactStore(artifacts_url)
 
     async def __call__(self, msg: StageMessage) -> dict[str, Any]:
-        """Small metadata for the driver, with every stage event of the job for `store.complete`."""
+        """Small metadata for the driver, with every stage event of the job for `store.complete`.
+
+        A stop (DELETE, superseded attempt: the reporter's answer; or the caller gone) is checked between the
+        VAE's chunks and between the artifacts' encodings; the artifacts are written only once all are encoded,
+        so a stopped decode writes none. Each worker thread is awaited to its end, the lock held meanwhile."""
         msg = self._begin(msg)
         with self._scope(msg):
-            async with self._turn():
-                frames = await asyncio.to_thread(self._decode, msg.state)
-            stored = await asyncio.to_thread(self.artifacts.write_outputs, msg.job_id, frames, msg.fps,
-                                             msg.save_frames)
+            watch = self.reporter.watch(msg.job_id, msg.attempt, self.role)
+            try:
+                async with self._turn():  # one VAE decode at a time, for the whole of its thread
+                    frames = await _to_thread_to_end(watch.stop, self._decode, msg.state, watch.should_cancel)
+                stored = await _to_thread_to_end(watch.stop, self._write, msg, frames, watch.should_cancel)
+            except Cancelled as err:
+                raise JobCancelled(f"job {msg.job_id} cancelled in {self.role}: {err}") from None
+            finally:
+                self.reporter.unwatch(watch)
             info = {"switch_step": msg.state.switch_step, "num_frames": int(frames.shape[0]), "artifacts": stored}
             return {**info, "reports": list(self._end(msg, info).reports)}
 
-    def _decode(self, state: Any) -> Any:
+    def _decode(self, state: Any, should_cancel: Any) -> Any:
         with self.compute, self.metrics.step(1, "decode"):
-            return self.engine.decode(state)
+            return self.engine.decode(state, should_cancel)
+
+    def _write(self, msg: StageMessage, frames: Any, should_cancel: Any) -> dict[str, str]:
+        """Encode every artifact (mp4, previews, frames), stopping between them, then write them all."""
+        encoded = {}
+        for name, data in encode_outputs(frames, msg.fps, msg.save_frames):
+            if should_cancel():
+                raise Cancelled(f"cancelled before writing the artifacts (encoded: {sorted(encoded)})")
+            encoded[name] = data
+        if should_cancel():
+            raise Cancelled("cancelled before writing the artifacts")
+        return {name: self.artifacts.put(msg.job_id, name, data) for name, data in encoded.items()}
+
+
+async def _to_thread_to_end(stop: threading.Event, func: Any, *args: Any) -> Any:
+    """`func(*args)` in a worker thread, awaited to its very end: when the caller is cancelled meanwhile, `stop`
+    is set (the thread stops at its next check) and the thread is still awaited before the cancellation goes on,
+    so a lock held around this call is never released while the thread runs (seen: two decodes overlapping)."""
+    work = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        while not work.done():
+            with contextlib.suppress(BaseException):  # cancelled again, or the thread's own error: wait on
+                await asyncio.shield(work)
+        if not work.cancelled():
+            work.exception()  # retrieved: the caller's cancellation is what goes on
+        raise
