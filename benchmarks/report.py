@@ -290,6 +290,24 @@ def header(results: Path, sr: dict | None, q: dict | None, s: dict | None, timin
     return lines + [""]
 
 
+def trust_section(out: Path, fairness: dict | None) -> tuple[list[str], list[tuple]]:
+    """Fair scheduling and the fault table (issue 11): their own tables, as their benchmarks wrote them."""
+    lines, goals = ["## Trust: fair scheduling and faults", ""], []
+    if fairness:
+        heavy = fairness["summary"].get("current", {}).get("heavy_default_s")
+        if heavy:
+            goals.append(("default job with four max-size jobs in flight <= 40 s", f"{heavy['max']:.1f} s (max over "
+                          f"{heavy['n']} repeats)", heavy["max"] <= 40 and not fairness["summary"]["current"]
+                          ["heavy_censored"]))
+        lines += ["Fair scheduling (`benchmarks/fairness.py --repeats 2 --limit-s 150`; `baseline` = be1de64, "
+                  "before it; current and baseline alternating on one idle machine):", "",
+                  (out / "fairness.md").read_text() if (out / "fairness.md").exists() else "", ""]
+    if (out / "faults.md").exists():
+        lines += ["Fault table (`benchmarks/faults.py`): replicas killed with SIGKILL under a bounded load.", "",
+                  (out / "faults.md").read_text().replace("# ", "", 1), ""]  # its title: a line of this section
+    return (lines, goals) if len(lines) > 2 else ([], goals)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="benchmarks/results")
@@ -325,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         lines, g = before_after_section(before, s)
         body += lines
         goals += g
+    lines, g = trust_section(out, load(out / "fairness.json"))
+    body += lines
+    goals += g
     table = ["## Goals: measured vs goal", "", "| goal | measured | verdict |", "|---|---|---|"]
     table += [f"| {name} | {value} | {verdict(ok) if ok is not None else 'context'} |" for name, value, ok in goals]
     text = "\n".join(header(out, sr, q, s, timings) + table + [""] + body)

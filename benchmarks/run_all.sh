@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Every benchmark and the report, in one command (~28 min on the 2-core CPU machine with the current srd-tiny:
+# Every benchmark and the report, in one command (~28 min on the 2-core CPU machine with the current srd-tiny, plus
+# fairness ~25 min at 2 repeats and faults ~4 min;
 # single request 26 s, quality 457 s, serving 1181 s at its default 3 repeats; SERVING_ARGS="--repeats 1": ~7 min):
 #
 #   benchmarks/run_all.sh
 #
 # Environment: MODEL (default: the bundled srd-tiny), OUT (default: benchmarks/results), QUALITY_VIDEOS (64),
-# CACHE_VIDEOS (32), CPU_REPEATS (3), SERVING_ARGS (extra flags for serving_compare.py, e.g. "--repeats 1").
+# CACHE_VIDEOS (32), CPU_REPEATS (3), FAIRNESS_REPEATS (2; ~12 min each), SERVING_ARGS (extra flags for
+# serving_compare.py, e.g. "--repeats 1").
 # Writes under benchmarks/results/: sr_speedup.json, quality.json, hop_bytes.json, control_plane_cpu.json,
-# cache_compare.json, serving.json (+ serving_records.jsonl, every request with its job record), run_all.json
+# cache_compare.json, serving.json (+ serving_records.jsonl, every request with its job record), fairness.json/.md,
+# faults.json/.md, run_all.json
 # (wall time of each step), REPORT.md and its PNG plots. before-lean/ keeps the serving run before the lean path.
 # Run it on an otherwise idle machine: the serving comparison pins its workers to cores 0 and 1.
 set -euo pipefail
@@ -54,5 +57,8 @@ step control_plane "$PY" benchmarks/control_plane_cpu.py --repeats "${CPU_REPEAT
 step caches "$PY" benchmarks/cache_compare.py "${MODEL_ARGS[@]}" --videos "${CACHE_VIDEOS:-32}" \
     --out "$OUT/cache_compare.json"
 step serving "$PY" benchmarks/serving_compare.py "${MODEL_ARGS[@]}" --time-budget 1800 "${SERVING_EXTRA[@]}" --out "$OUT/serving.json"
+# Trust (issue 11): a default job among max-size ones, current against the commit before fair scheduling; faults.
+step fairness "$PY" benchmarks/fairness.py --repeats "${FAIRNESS_REPEATS:-2}" --limit-s 150 --out "$OUT/fairness.json"
+step faults "$PY" benchmarks/faults.py --out "$OUT"
 step report "$PY" benchmarks/report.py --results "$OUT"
 echo "done in $SECONDS s: $OUT/REPORT.md"

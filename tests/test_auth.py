@@ -280,3 +280,8 @@ def test_the_openai_client_authenticates_with_its_api_key(http_server):
         stranger.videos.list()
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
     assert httpx.get(f"{url}/healthz", timeout=20).status_code == 200
+
+
+def test_the_anonymous_name_is_reserved():
+    with pytest.raises(ValueError, match="line 1.*reserved"):
+        KeyRing.parse("anonymous:sk-abcdef\n")

@@ -305,3 +305,32 @@ def test_a_silent_stage_is_retried_and_the_job_finishes(tmp_path):
     job = store.get("v1")
     assert job["status"] == "completed" and stages.submitted == [1, 2]
     assert job["failures"] == 1 and "sent no heartbeat" in job["history"][0] and "replica-1" in job["history"][0]
+
+
+def test_a_job_past_its_own_deadline_fails_with_timeout(tmp_path):
+    import asyncio
+
+    from srserve.serving.args import WatchdogOptions
+    from srserve.serving.driver import JobDriver
+
+    store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
+    request = {"generation": {"prompt": "p"}, "fps": 8, "seconds": "1", "size": "32x32", "deadline_s": 0.5}
+    store.create({"id": "v1", "created_at": time.time(), "model": "m", "request": request, "owner": "me",
+                  "lease_until": time.time() + 5})
+    stages = StallOnceStages(store)  # attempt 1 hangs: only the deadline can end it (job_timeout_s is far off)
+    watchdog = WatchdogOptions(interval_s=0.05, lease_s=5.0, stage_timeout_s=600.0, job_timeout_s=600.0)
+
+    async def main():
+        driver = JobDriver(FakeStoreHandle(store), stages, "me", watchdog, max_retries=1, retry_after_s=0.1)
+        driver.start()
+        driver.drive("v1")
+        for _ in range(100):
+            if store.get("v1")["status"] in ("completed", "failed"):
+                break
+            await asyncio.sleep(0.05)
+        await driver.stop()
+
+    asyncio.run(main())
+    job = store.get("v1")
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
+    assert "0.5s" in job["error"]["message"] and stages.submitted == [1]

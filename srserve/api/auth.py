@@ -127,6 +127,8 @@ class KeyRing:
             raise ValueError("expected name:key [flags]")
         if not _NAME.fullmatch(name):
             raise ValueError("the name must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if name == ANONYMOUS.name:  # the owner of every job made without keys (and of records from before them)
+            raise ValueError(f"the name {ANONYMOUS.name!r} is reserved")
         tokens = rest.split()
         if not tokens:
             raise ValueError("the key is empty")

@@ -321,8 +321,11 @@ class JobDriver:
             cancelled = self._cancel_problem(job, now)
             if cancelled is not None:
                 return cancelled
-        if now - job["created_at"] > w.job_timeout_s:
-            return JobTimedOut(f"job ran longer than {w.job_timeout_s:g}s")
+        # The job's own deadline (admission stored the lowest of job_timeout_s and the request's deadline_s).
+        request = (self._views.get(job["id"]) or {}).get("request") or {}
+        limit = min(w.job_timeout_s, request.get("deadline_s") or w.job_timeout_s)
+        if now - job["created_at"] > limit:
+            return JobTimedOut(f"job ran longer than its deadline of {limit:g}s")
         if job["stage"] and job["heartbeat_at"] and now - job["heartbeat_at"] > w.stage_timeout_s:
             return StageStalled(f"stage {job['stage']} on replica {job['stage_replica']} sent no heartbeat for "
                                 f"{w.stage_timeout_s:g}s")
