@@ -140,3 +140,18 @@ def test_serve_main_refuses_an_open_server_on_a_public_host(tmp_path, capsys):
     assert serve_main([str(config), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "without API keys" in err and "open_access: true" in err and "api_keys_file" in err
+
+
+def test_serve_main_refuses_a_missing_or_malformed_keys_file(tmp_path, capsys):
+    from srserve.serving.runner import serve_main
+
+    keys = tmp_path / "keys"
+    app = {"name": "srserve", "import_path": "srserve.serving:build_app", "args": {"auth": {"api_keys_file": str(keys)}}}
+    config = tmp_path / "keyed.yaml"
+    config.write_text(yaml.safe_dump({"applications": [app]}))
+    assert serve_main([str(config)]) == 2
+    assert "auth.api_keys_file: cannot read the keys file" in capsys.readouterr().err
+    keys.write_text("alice:sk-one\nalice:sk-two\n")  # a duplicate name, on line 2
+    assert serve_main([str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "sk-two" not in err and "sk-one" not in err

@@ -119,6 +119,23 @@ def check_exposure(config: dict[str, Any], host: str) -> str | None:
     return None
 
 
+def check_keys(config: dict[str, Any]) -> str | None:
+    """Why an srserve app's keys file cannot serve (unreadable, malformed), or None: said before Ray starts, not
+    as a failed replica deep in Serve's logs."""
+    from srserve.api.auth import KeyRing
+    from srserve.serving.args import AppArgs
+
+    for app in config["applications"]:
+        if app.get("import_path", "").startswith("srserve.serving"):
+            args = AppArgs.model_validate(app.get("args") or {})
+            if args.auth is not None:
+                try:
+                    KeyRing.load(str(Path(args.auth.api_keys_file).expanduser()))
+                except ValueError as err:
+                    return f"auth.api_keys_file: {err}"
+    return None
+
+
 def load_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {"applications": [dict(DEFAULT_APP)]}
@@ -157,7 +174,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     http = config.get("http_options") or {}
     host, port = opts.host or http.get("host", "127.0.0.1"), opts.port or int(http.get("port", 8000))
-    refusal = check_exposure(config, host)
+    refusal = check_exposure(config, host) or check_keys(config)
     if refusal:
         print(f"srserve serve: refusing to start: {refusal}", file=sys.stderr)
         return 2
