@@ -278,11 +278,27 @@ class StallOnceStages:
         return [self[name] for name in self]
 
 
-def test_a_silent_stage_is_retried_and_the_job_finishes(tmp_path):
+def drive_until_done(store: SQLiteJobStore, stages: "StallOnceStages", watchdog, rounds: int) -> None:
+    """Drive job v1 with a real JobDriver until it completes or fails (at most `rounds` x 50 ms)."""
     import asyncio
 
-    from srserve.serving.args import WatchdogOptions
     from srserve.serving.driver import JobDriver
+
+    async def main():
+        driver = JobDriver(FakeStoreHandle(store), stages, "me", watchdog, max_retries=1, retry_after_s=0.1)
+        driver.start()
+        driver.drive("v1")
+        for _ in range(rounds):
+            if store.get("v1")["status"] in ("completed", "failed"):
+                break
+            await asyncio.sleep(0.05)
+        await driver.stop()
+
+    asyncio.run(main())
+
+
+def test_a_silent_stage_is_retried_and_the_job_finishes(tmp_path):
+    from srserve.serving.args import WatchdogOptions
 
     store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
     request = {"generation": {"prompt": "p"}, "fps": 8, "seconds": "1", "size": "32x32"}
@@ -291,27 +307,14 @@ def test_a_silent_stage_is_retried_and_the_job_finishes(tmp_path):
     stages = StallOnceStages(store)
     watchdog = WatchdogOptions(interval_s=0.05, lease_s=5.0, stage_timeout_s=0.3)
 
-    async def main():
-        driver = JobDriver(FakeStoreHandle(store), stages, "me", watchdog, max_retries=1, retry_after_s=0.1)
-        driver.start()
-        driver.drive("v1")
-        for _ in range(200):
-            if store.get("v1")["status"] in ("completed", "failed"):
-                break
-            await asyncio.sleep(0.05)
-        await driver.stop()
-
-    asyncio.run(main())
+    drive_until_done(store, stages, watchdog, rounds=200)
     job = store.get("v1")
     assert job["status"] == "completed" and stages.submitted == [1, 2]
     assert job["failures"] == 1 and "sent no heartbeat" in job["history"][0] and "replica-1" in job["history"][0]
 
 
 def test_a_job_past_its_own_deadline_fails_with_timeout(tmp_path):
-    import asyncio
-
     from srserve.serving.args import WatchdogOptions
-    from srserve.serving.driver import JobDriver
 
     store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
     request = {"generation": {"prompt": "p"}, "fps": 8, "seconds": "1", "size": "32x32", "deadline_s": 0.5}
@@ -320,17 +323,7 @@ def test_a_job_past_its_own_deadline_fails_with_timeout(tmp_path):
     stages = StallOnceStages(store)  # attempt 1 hangs: only the deadline can end it (job_timeout_s is far off)
     watchdog = WatchdogOptions(interval_s=0.05, lease_s=5.0, stage_timeout_s=600.0, job_timeout_s=600.0)
 
-    async def main():
-        driver = JobDriver(FakeStoreHandle(store), stages, "me", watchdog, max_retries=1, retry_after_s=0.1)
-        driver.start()
-        driver.drive("v1")
-        for _ in range(100):
-            if store.get("v1")["status"] in ("completed", "failed"):
-                break
-            await asyncio.sleep(0.05)
-        await driver.stop()
-
-    asyncio.run(main())
+    drive_until_done(store, stages, watchdog, rounds=100)
     job = store.get("v1")
     assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
     assert "0.5s" in job["error"]["message"] and stages.submitted == [1]
