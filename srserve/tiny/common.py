@@ -7,22 +7,36 @@ import time
 import numpy as np
 import torch
 
-from srserve.tiny.domain import DEFAULT_FRAMES, DEFAULT_SIZE, render_clip, sample_spec
+from srserve.tiny.domain import DEFAULT_FRAMES, DEFAULT_SIZE, FORMS, SceneSpec, render_scene, sample_scene
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def clip_tensor(rng: np.random.Generator, frames: int = DEFAULT_FRAMES, spec=None, crop: int = DEFAULT_SIZE):
-    """(3, F, crop, crop) in [-1, 1]: a random clip, cropped around the object's path on the 8-pixel latent grid."""
-    spec = spec or sample_spec(rng)
-    video, centers = render_clip(spec, frames, DEFAULT_SIZE, DEFAULT_SIZE)
+def clip_tensor(rng: np.random.Generator, frames: int = DEFAULT_FRAMES, spec: SceneSpec | None = None,
+                crop: int = DEFAULT_SIZE, forms: tuple[str, ...] = ("core",)) -> torch.Tensor:
+    """(3, F, crop, crop) in [-1, 1]: a clip of `spec` (default: a random scene of a form drawn from `forms`),
+    cropped around the objects' paths on the 8-pixel latent grid. The core form draws exactly as the first bundle's
+    training did."""
+    if spec is None:
+        form = forms[0] if len(forms) == 1 else str(rng.choice(forms))
+        spec = sample_scene(rng, form)  # placed for a whole clip, so a single frame (frames=1) is its frame 0
+    video, centers = render_scene(spec, frames, DEFAULT_SIZE, DEFAULT_SIZE)
     if crop < DEFAULT_SIZE:
-        mid = centers[:frames].mean(axis=0) + rng.uniform(-8, 8, size=2)
+        mid = centers[:frames].reshape(-1, 2).mean(axis=0) + rng.uniform(-8, 8, size=2)
         x0, y0 = (int(np.clip(round((c - crop / 2) / 8) * 8, 0, DEFAULT_SIZE - crop)) for c in mid)
         video = video[:, y0:y0 + crop, x0:x0 + crop]
     return torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2) * 2 - 1
+
+
+def parse_forms(text: str) -> tuple[str, ...]:
+    """'core,pair,then' -> ('core', 'pair', 'then'), each a known prompt form."""
+    forms = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in forms if f not in FORMS]
+    if not forms or bad:
+        raise ValueError(f"forms {text!r}: each of {list(FORMS)}")
+    return forms
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:

@@ -145,6 +145,8 @@ _OBJ = r"an?\s+(\w+)\s+(\w+)\s+moving\s+(\w+)"
 _PAIR = re.compile(rf"^\s*{_OBJ}\s*,?\s+and\s+{_OBJ}\s*\.?\s*$", re.IGNORECASE)
 _THEN = re.compile(rf"^\s*{_OBJ}\s*,?\s+then\s+(\w+)\s*\.?\s*$", re.IGNORECASE)
 PAIR_GAP = 6.0  # pixels between the two objects' bounding circles in every frame
+PAIR_RADIUS = (0.13, 0.16)  # of the frame; smaller shapes blur to blobs through the VAE's 8x downsampling
+PAIR_SPEED = (0.7, 1.2)  # pixels per frame at 64x64: two objects this size need room to pass each other
 
 
 @dataclass(frozen=True)
@@ -299,8 +301,8 @@ def sample_scene(rng: np.random.Generator, form: str = "core", num_frames: int =
     for _ in range(1000):
         placed = []
         for c, s, dirs in objs:
-            obj = ObjectSpec(c, s, dirs, float(rng.uniform(0.11, 0.15) * size),
-                             speed=float(rng.uniform(0.9, 1.5) * size / 64))
+            obj = ObjectSpec(c, s, dirs, float(rng.uniform(PAIR_RADIUS[0], PAIR_RADIUS[1]) * size),
+                             speed=float(rng.uniform(PAIR_SPEED[0], PAIR_SPEED[1]) * size / 64))
             placed.append(_place(rng, obj, num_frames, size))
         a, b = placed
         dist = np.linalg.norm(a.centers(num_frames) - b.centers(num_frames), axis=1).min()

@@ -524,7 +524,7 @@ def _read_manifest(path: Path) -> list[dict]:
     return entries
 
 
-def _vae_check(model: str | None, n: int, seed: int) -> int:
+def _vae_check(model: str | None, n: int, seed: int, form: str = "core") -> int:
     import torch
     from diffusers import AutoencoderKLWan
 
@@ -537,8 +537,8 @@ def _vae_check(model: str | None, n: int, seed: int) -> int:
     path = Path(model or default_model_path())
     torch.set_num_threads(1)
     vae = AutoencoderKLWan.from_pretrained(path / "vae" if (path / "vae").is_dir() else path).eval()
-    print(json.dumps({"model": str(path), "clips": n, "seed": seed, **reconstruction_summary(vae, n, seed)},
-                     indent=2))
+    print(json.dumps({"model": str(path), "form": form, "clips": n, "seed": seed,
+                      **reconstruction_summary(vae, n, seed, form)}, indent=2))
     return 0
 
 
@@ -563,9 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--model", default=None, help="diffusers bundle directory (default: the bundled srd-tiny)")
     rec.add_argument("--n", type=int, default=48)
     rec.add_argument("--seed", type=int, default=123)
+    rec.add_argument("--form", choices=FORMS, default="core", help="prompt form of the clips")
     args = parser.parse_args(argv)
     if args.command == "vae":
-        return _vae_check(args.model, args.n, args.seed)
+        return _vae_check(args.model, args.n, args.seed, args.form)
     if args.command == "validate":
         if args.n < 1 or args.frames < 2 or args.size < 16 or args.noise < 0 or args.blur < 0:
             parser.error("need --n >= 1, --frames >= 2, --size >= 16, --noise >= 0, --blur >= 0")

@@ -89,10 +89,27 @@ def make_vae() -> AutoencoderKLWan:
     return AutoencoderKLWan(**VAE, latents_mean=[0.0] * Z_DIM, latents_std=[1.0] * Z_DIM)
 
 
+TEXT_LOCALITY = 1.0  # relative-position logit per token of distance in the text encoder's self-attention
+
+
 def make_text_encoder(seed: int) -> UMT5EncoderModel:
+    """The frozen text encoder: random weights from `seed`, except a designed relative-position bias of
+    -TEXT_LOCALITY * |i - j| that makes each token attend mostly to its neighbours. A DiT's cross-attention sees
+    the text rows as a set; only this mixing tells it which color goes with which shape in a two-object prompt.
+    With the random bias (std 0.13, near-uniform attention) "a red circle ... and a blue square ..." and its
+    shape-swapped twin came out 10x closer than prompts one word apart; with this bias, about as far."""
     torch.manual_seed(seed)
     cfg = UMT5Config(vocab_size=len(vocabulary()), **TEXT_ENCODER)
     model = UMT5EncoderModel(cfg)
+    with torch.no_grad():
+        for block in model.encoder.block:
+            attn = block.layer[0].SelfAttention
+            rel = torch.arange(-1024, 1025)
+            buckets = attn._relative_position_bucket(rel)
+            bias = torch.full((cfg.relative_attention_num_buckets,), float("inf"))
+            bias.scatter_reduce_(0, buckets, rel.abs().float(), reduce="amin")  # nearest distance of each bucket
+            bias[bias.isinf()] = 1024.0  # a bucket no distance maps to
+            attn.relative_attention_bias.weight.copy_((-TEXT_LOCALITY * bias)[:, None].expand(-1, cfg.num_heads))
     model.eval()
     return model
 

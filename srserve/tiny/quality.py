@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from srserve.config import GenerationRequest
-from srserve.tiny.domain import all_prompts
+from srserve.tiny.domain import FORMS, all_prompts
 from srserve.tiny.evaluate import score_video, summarize
 
 # Generation seeds start far above anything training draws, so no pair was seen in training. Defaults (the
@@ -35,8 +35,13 @@ def default_policies(steps: int, default_switch: str = "adaptive") -> list[str]:
     return ["none", "small-only", *[f"step:{k}" for k in ks], "ratio:0.9", "ratio:0.8", last]
 
 
-def held_out_pairs(count: int, seed_base: int = HELD_OUT_SEED_BASE) -> list[tuple[str, int]]:
-    prompts = all_prompts()
+def held_out_pairs(count: int, seed_base: int = HELD_OUT_SEED_BASE, form: str = "core") -> list[tuple[str, int]]:
+    """`count` prompt x seed pairs of one form. Core cycles through its 72 prompts in order; pair (4,320 prompts) and
+    then (216) take prompts in an order shuffled by `seed_base`, so the calibration and held-out splits draw
+    different prompts as well as different seeds."""
+    prompts = all_prompts(form)
+    if form != "core":
+        prompts = [prompts[i] for i in np.random.default_rng(seed_base).permutation(len(prompts))]
     return [(prompts[i % len(prompts)], seed_base + i) for i in range(count)]
 
 
@@ -66,63 +71,87 @@ def write_samples(path: Path, videos: dict[str, dict[int, np.ndarray]]) -> None:
     plt.imsave(path, grid.repeat(2, axis=0).repeat(2, axis=1))
 
 
-def run_table(model: str | None, count: int, steps: int | None, policies: list[str] | None,
-              seed_base: int = HELD_OUT_SEED_BASE, samples: Path | None = None) -> dict:
+def _generate_pairs(model: str | None, pairs: list[tuple[int, str, int]], steps: int | None, policies: list[str],
+                    sample_indexes: tuple[int, ...], threads: int | None) -> tuple[dict, dict]:
+    """Every policy on each (index, prompt, seed): per policy the scores (PSNR against that pair's `none` video),
+    switch steps and seconds, and the frames of `sample_indexes`. Runs in a worker process when --workers > 1."""
     import torch
 
     from srserve.pipeline.engine import SREngine
     from srserve.pipeline.spec import resolve_model_spec
     from srserve.tiny import default_model_path
 
-    spec = resolve_model_spec(model or default_model_path())
-    engine = SREngine.load(spec)
-    steps = steps or engine.family.defaults.num_inference_steps
-    policies = policies or default_policies(steps, str(spec.default_switch or "adaptive"))
-    pairs = held_out_pairs(count, seed_base)
+    if threads:
+        torch.set_num_threads(threads)
+    engine = SREngine.load(resolve_model_spec(model or default_model_path()))
+    rows = {p: {"scores": [], "switch_steps": [], "seconds": []} for p in policies}
+    samples: dict[str, dict[int, np.ndarray]] = {p: {} for p in policies}
     embeddings = {}
-    rows: dict[str, dict] = {p: {"scores": [], "switch_steps": [], "seconds": []} for p in policies}
-    references: dict[int, np.ndarray] = {}
-    for index, (prompt, seed) in enumerate(pairs):
+    for index, prompt, seed in pairs:
         request = engine.resolve(GenerationRequest(prompt=prompt, seed=seed, num_inference_steps=steps))
         if prompt not in embeddings:
             embeddings[prompt] = engine.encode(request)
+        videos = {}
         for policy in policies:  # alternate policies per pair, so machine noise spreads evenly over them
             req = request.model_copy(update={"switch": policy})
             began = time.perf_counter()
             state = engine.render(engine.sketch(engine.prepare(req, embeddings[prompt])))
-            frames = engine.decode(state)
-            seconds = time.perf_counter() - began
-            if policy == "none":
-                references[index] = frames
-            row = rows[policy]
-            row["scores"].append((index, frames, prompt))
-            row["switch_steps"].append(int(state.switch_step))
-            row["seconds"].append(seconds)
-    if samples is not None:
-        write_samples(samples, {p: {i: f for i, f, _ in rows[p]["scores"] if i in SAMPLE_PAIRS} for p in policies})
+            videos[policy] = engine.decode(state)
+            rows[policy]["seconds"].append(time.perf_counter() - began)
+            rows[policy]["switch_steps"].append(int(state.switch_step))
+        for policy in policies:
+            rows[policy]["scores"].append(score_video(videos[policy], prompt, videos.get("none")))
+            if index in sample_indexes:
+                samples[policy][index] = videos[policy]
+    return rows, samples
+
+
+def run_table(model: str | None, count: int, steps: int | None, policies: list[str] | None,
+              seed_base: int = HELD_OUT_SEED_BASE, samples: Path | None = None, form: str = "core",
+              workers: int = 1, threads: int | None = None) -> dict:
+    """The quality table of one prompt form: `count` pairs under every policy, on `workers` processes (each takes
+    every `workers`-th pair; timings then hold with all workers busy, the same for every policy)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from srserve.pipeline.card import model_card
+    from srserve.pipeline.spec import resolve_model_spec
+    from srserve.tiny import default_model_path
+
+    spec = resolve_model_spec(model or default_model_path())
+    steps = steps or model_card(spec).default_steps
+    policies = policies or default_policies(steps, str(spec.default_switch or "adaptive"))
+    pairs = [(i, p, s) for i, (p, s) in enumerate(held_out_pairs(count, seed_base, form))]
+    chunks = [pairs[w::workers] for w in range(workers)]
+    if workers == 1:
+        parts = [_generate_pairs(model, pairs, steps, policies, SAMPLE_PAIRS, threads)]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_generate_pairs, *zip(*[(model, c, steps, policies, SAMPLE_PAIRS, threads)
+                                                           for c in chunks])))
     table = []
     for policy in policies:
-        row = rows[policy]
-        scores = [score_video(frames, prompt, references.get(index)) for index, frames, prompt in row["scores"]]
-        summary = summarize(scores)
+        merged = {k: [v for rows, _ in parts for v in rows[policy][k]] for k in ("scores", "switch_steps", "seconds")}
         table.append({
-            "policy": policy, **summary,
-            "large_steps_mean": float(np.mean(row["switch_steps"])),
-            "seconds": {"min": min(row["seconds"]), "median": statistics.median(row["seconds"]),
-                        "max": max(row["seconds"])},
+            "policy": policy, **summarize(merged["scores"]),
+            "large_steps_mean": float(np.mean(merged["switch_steps"])),
+            "seconds": {"min": min(merged["seconds"]), "median": statistics.median(merged["seconds"]),
+                        "max": max(merged["seconds"])},
         })
+    if samples is not None:
+        write_samples(samples, {p: {i: f for _, s in parts for i, f in s[p].items()} for p in policies})
     base = next(r for r in table if r["policy"] == "none")["seconds"]["median"]
     for r in table:
         r["speedup_vs_none"] = base / r["seconds"]["median"]
-    return {"model": spec.name, "videos": count, "steps": steps, "torch_threads": torch.get_num_threads(),
-            "seed_base": seed_base, "rows": table}
+    return {"model": spec.name, "form": form, "videos": count, "steps": steps, "workers": workers,
+            "torch_threads": threads or 1, "seed_base": seed_base, "rows": table}
 
 
 def markdown(result: dict) -> str:
     lines = [
-        f"{result['videos']} held-out prompt x seed pairs (seeds from {result['seed_base']:,}), "
+        f"{result['videos']} prompt x seed pairs of the `{result.get('form', 'core')}` form (seeds from "
+        f"{result['seed_base']:,}), "
         f"{result['steps']} steps, model `{result['model']}`, "
-        f"{result['torch_threads']} torch thread(s). Accuracy in %; PSNR/SSIM against the `none` video of the "
+        f"{result.get('workers', 1)} process(es) of {result['torch_threads']} torch thread(s). Accuracy in %; PSNR/SSIM against the `none` video of the "
         "same seed; seconds = denoise + decode per video (median, [min, max]).",
         "",
         "| policy | color | shape | motion | all three | temporal | detail | PSNR dB | SSIM | large steps "
@@ -166,17 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED_BASE,
                         help=f"first generation seed; {CALIBRATION_SEED_BASE:,} is the calibration split on which "
                              "the bundle's defaults are chosen")
+    parser.add_argument("--form", choices=FORMS, default="core", help="prompt form of the pairs")
+    parser.add_argument("--workers", type=int, default=1, help="processes (each --threads threads), pairs split")
     parser.add_argument("--out-json", default="benchmarks/results/quality.json")
     parser.add_argument("--samples", type=Path, default=None,
                         help=f"PNG of frames {SAMPLE_FRAMES} of pairs {SAMPLE_PAIRS} under {SAMPLE_POLICIES}")
     parser.add_argument("--doc", default=None, help="markdown file whose quality-table block is replaced")
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
     result = run_table(args.model, args.videos, args.steps, args.policies.split(",") if args.policies else None,
-                       args.seed_base, args.samples)
+                       args.seed_base, args.samples, args.form, args.workers, args.threads)
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)

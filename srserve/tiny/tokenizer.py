@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from srserve.tiny.domain import COLORS, DIRECTIONS, SHAPES
 
 SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2: UMT5's pad / eos / unk ids
-EXTRA_WORDS = ("a", "an", "the", "moving", "is", "and", "on", "black", "background", ".", ",")
+EXTRA_WORDS = ("a", "an", "the", "moving", "is", "and", "then", "on", "black", "background", ".", ",")
 MAX_LENGTH = 512
 
 

@@ -20,52 +20,79 @@ import torch
 
 from srserve.tiny import models as M
 from srserve.tiny.common import Budget, clip_tensor, log, lr_at
-from srserve.tiny.domain import DEFAULT_FRAMES, all_prompts, sample_spec
+from srserve.tiny.domain import DEFAULT_FRAMES, FORMS, prompts_of, sample_scene
 from srserve.tiny.tokenizer import MAX_LENGTH, build_tokenizer
 from srserve.tiny.train_vae import finetune_decoder, reconstruction_summary, train_vae
 
-COMPACT_LEN = 8
+COMPACT_LEN = 16  # text rows kept in training: the longest prompt (pair, 12 tokens) plus padding rows
 DEFAULT_OUT = Path(__file__).parent / "bundle" / "srd-tiny"
+
+
+def training_prompts() -> list[str]:
+    """Every prompt the DiTs train on, in table order: core, pair, then (their embedding rows; "" comes last)."""
+    return [p for form in FORMS for p in prompts_of(form)]
+
+
+def parse_clip_counts(text: str) -> dict[str, int]:
+    """'core:2160,pair:6600,then:3240' -> clips per prompt form."""
+    counts = {}
+    for item in text.split(","):
+        form, _, n = item.partition(":")
+        if form.strip() not in FORMS or not n.strip().isdigit():
+            raise ValueError(f"--clips {text!r}: items FORM:COUNT, FORM one of {list(FORMS)}")
+        counts[form.strip()] = int(n)
+    return counts
 
 
 @torch.no_grad()
 def encode_dataset(vae, args) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Latents (N, z, 5, 8, 8) (raw, un-normalized) and prompt ids of `--clips` fresh clips, prompts balanced."""
+    """Latents (N, z, 5, 8, 8) (raw, un-normalized) and prompt ids (rows of `training_prompts`) of fresh clips:
+    per form the count `--clips` asks for, the form's prompts in balanced cycles."""
     rng = np.random.default_rng(args.seed + 2)
-    prompts = all_prompts()
+    table_prompts = training_prompts()
+    row = {p: i for i, p in enumerate(table_prompts)}
     t0 = time.perf_counter()
-    ids = np.arange(args.clips) % len(prompts)
+    ids = []
+    for form, n in parse_clip_counts(args.clips).items():
+        prompts = prompts_of(form)
+        cycle = np.concatenate([rng.permutation(len(prompts)) for _ in range(-(-n // len(prompts)))])[:n]
+        ids += [row[prompts[i]] for i in cycle]
+    ids = np.asarray(ids)
     rng.shuffle(ids)
     latents = []
-    for i in range(0, args.clips, 8):
-        batch = []
-        for pid in ids[i:i + 8]:
-            color, shape, _, direction = prompts[pid].split()[1:]
-            batch.append(clip_tensor(rng, DEFAULT_FRAMES, sample_spec(rng, color=color, shape=shape,
-                                                                       direction=direction)))
+    for i in range(0, len(ids), 8):
+        batch = [clip_tensor(rng, DEFAULT_FRAMES, sample_scene(rng, prompt=table_prompts[pid])) for pid in ids[i:i + 8]]
         latents.append(vae.encode(torch.stack(batch)).latent_dist.mode())
+        if i % 2000 == 0:
+            log(f"encoded {i} of {len(ids)} clips")
     latents = torch.cat(latents)
-    log(f"encoded {args.clips} clips in {time.perf_counter() - t0:.0f}s, latents {tuple(latents.shape)}")
+    log(f"encoded {len(ids)} clips in {time.perf_counter() - t0:.0f}s, latents {tuple(latents.shape)}")
     return latents, torch.from_numpy(ids), {"clips": args.clips, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 @torch.no_grad()
 def prompt_table(tokenizer, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact embeddings (73, COMPACT_LEN, text_dim) of the 72 prompts then "", and their token counts.
+    """Compact embeddings (P + 1, COMPACT_LEN, text_dim) of `training_prompts` then "", and their token counts.
 
     Same computation as WanPipeline._get_t5_prompt_embeds (prompt_clean, pad to 512, trim, zero-pad), kept to
     COMPACT_LEN rows (see models.CompactTextAttnProcessor)."""
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-    texts = [prompt_clean(p) for p in all_prompts() + [""]]
-    toks = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    hidden = text_encoder(toks.input_ids, toks.attention_mask).last_hidden_state
-    lens = toks.attention_mask.sum(dim=1)
-    out = torch.zeros(len(texts), COMPACT_LEN, hidden.shape[-1])
-    for i, n in enumerate(lens.tolist()):
-        out[i, :n] = hidden[i, :n]
-    return out, lens
+    texts = [prompt_clean(p) for p in training_prompts() + [""]]
+    outs, all_lens = [], []
+    for i in range(0, len(texts), 256):
+        toks = tokenizer(texts[i:i + 256], padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                         add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        hidden = text_encoder(toks.input_ids, toks.attention_mask).last_hidden_state
+        lens = toks.attention_mask.sum(dim=1)
+        if int(lens.max()) >= COMPACT_LEN:
+            raise ValueError(f"a prompt has {int(lens.max())} tokens; COMPACT_LEN {COMPACT_LEN} needs a padding row")
+        out = torch.zeros(len(lens), COMPACT_LEN, hidden.shape[-1])
+        for j, n in enumerate(lens.tolist()):
+            out[j, :n] = hidden[j, :n]
+        outs.append(out)
+        all_lens.append(lens)
+    return torch.cat(outs), torch.cat(all_lens)
 
 
 def sample_sigmas(kind: str, n: int, gen: torch.Generator, render_max_sigma: float = 1.0,
@@ -212,7 +239,9 @@ def parse_args(argv):
     p.add_argument("--decoder-minutes", type=float, default=12.0)
     p.add_argument("--decoder-lr", type=float, default=3e-4)
     p.add_argument("--decoder-edges", type=float, default=0.5)
-    p.add_argument("--clips", type=int, default=3456)
+    p.add_argument("--clips", default="core:2160,pair:6600,then:3240",
+                   help="DiT training clips per prompt form, FORM:COUNT,...")
+    p.add_argument("--vae-forms", default="core,pair,then", help="prompt forms of the VAE's training clips")
     p.add_argument("--sketch-steps", type=int, default=3800)
     p.add_argument("--sketch-stop", type=int, default=None, help="stop after this many steps (default: --sketch-steps)")
     p.add_argument("--sketch-minutes", type=float, default=62.0)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from srserve.tiny import models as M
-from srserve.tiny.common import Budget, clip_tensor, log, lr_at
+from srserve.tiny.common import Budget, clip_tensor, log, lr_at, parse_forms
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -37,16 +37,16 @@ def vae_probe(vae, clips: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def reconstruction_summary(vae, n: int = 48, seed: int = 123) -> dict:
-    """The evaluator's scores of VAE reconstructions of n random ground-truth clips (PSNR/SSIM against the
-    clips): the ceiling for any generator that works in this VAE's latent space."""
-    from srserve.tiny.domain import render_clip, sample_spec
+def reconstruction_summary(vae, n: int = 48, seed: int = 123, form: str = "core") -> dict:
+    """The evaluator's scores of VAE reconstructions of n random ground-truth clips of one prompt form (PSNR/SSIM
+    against the clips): the ceiling for any generator that works in this VAE's latent space."""
+    from srserve.tiny.domain import render_scene, sample_scene
     from srserve.tiny.evaluate import score_video, summarize
 
     rng, scores = np.random.default_rng(seed), []
     for _ in range(n):
-        spec = sample_spec(rng)
-        frames, _ = render_clip(spec)
+        spec = sample_scene(rng, form)
+        frames, _ = render_scene(spec)
         x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None] * 2 - 1
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
         video = ((rec.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).numpy()
@@ -71,6 +71,7 @@ def finetune_decoder(vae, args) -> dict:
     """Sharpen the decoder with the encoder frozen: the latent space (and the DiTs trained on it) stay valid."""
     rng = np.random.default_rng(args.seed + 5)
     torch.manual_seed(args.seed + 5)
+    forms = parse_forms(args.vae_forms)
     probe = [clip_tensor(np.random.default_rng(10_000 + i)) for i in range(4)]
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in vae.parameters():
@@ -83,7 +84,8 @@ def finetune_decoder(vae, args) -> dict:
     while not budget.done(step):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.decoder_steps, args.decoder_lr, warmup=50)
-        x = torch.stack([clip_tensor(rng, args.vae_frames, crop=args.vae_crop) for _ in range(args.vae_batch)])
+        x = torch.stack([clip_tensor(rng, args.vae_frames, crop=args.vae_crop, forms=forms)
+                         for _ in range(args.vae_batch)])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         loss = vae_loss(decode_unclamped(vae, z), x, edges=args.decoder_edges)
@@ -108,6 +110,7 @@ def finetune_decoder(vae, args) -> dict:
 def train_vae(args) -> tuple[torch.nn.Module, dict]:
     rng = np.random.default_rng(args.seed + 1)
     torch.manual_seed(args.seed + 1)
+    forms = parse_forms(args.vae_forms)  # clips of every prompt form: two colors in one frame, turning objects
     vae = M.make_vae().train()
     with torch.no_grad():  # start with a small posterior noise (std 0.05), or the decoder sees noise only at first
         vae.quant_conv.bias[M.Z_DIM:] = -6.0
@@ -118,9 +121,10 @@ def train_vae(args) -> tuple[torch.nn.Module, dict]:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
         if step < args.vae_image_steps:  # first the frame-0 path on single full frames: spatial code, colors, shapes
-            x = torch.stack([clip_tensor(rng, 1) for _ in range(args.vae_image_batch)])
+            x = torch.stack([clip_tensor(rng, 1, forms=forms) for _ in range(args.vae_image_batch)])
         else:  # then whole 17-frame clips (cropped): the temporal path, as the pipeline decodes
-            x = torch.stack([clip_tensor(rng, args.vae_frames, crop=args.vae_crop) for _ in range(args.vae_batch)])
+            x = torch.stack([clip_tensor(rng, args.vae_frames, crop=args.vae_crop, forms=forms)
+                             for _ in range(args.vae_batch)])
         post = vae.encode(x).latent_dist
         rec = decode_unclamped(vae, post.sample())
         rec_loss = vae_loss(rec, x)
