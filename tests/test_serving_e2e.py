@@ -145,7 +145,7 @@ def overlap(a: dict, b: dict) -> bool:
 def test_openai_client_create_poll_download(served):
     import imageio.v3 as iio
 
-    video = served.client.videos.create(prompt=PROMPT, extra_body={"seed": 3, "num_inference_steps": 120})
+    video = served.client.videos.create(prompt=PROMPT, extra_body={"seed": 3, "num_inference_steps": 240})  # long enough for several 0.2 s heartbeats
     assert video.status == "queued" and video.object == "video" and video.model
     progress = []
     while (video := served.client.videos.retrieve(video.id)).status in ("queued", "in_progress"):
