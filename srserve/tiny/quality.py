@@ -113,6 +113,8 @@ def run_table(model: str | None, count: int, steps: int | None, policies: list[s
     every `workers`-th pair; timings then hold with all workers busy, the same for every policy)."""
     from concurrent.futures import ProcessPoolExecutor
 
+    import torch
+
     from srserve.pipeline.card import model_card
     from srserve.pipeline.spec import resolve_model_spec
     from srserve.tiny import default_model_path
@@ -121,13 +123,12 @@ def run_table(model: str | None, count: int, steps: int | None, policies: list[s
     steps = steps or model_card(spec).default_steps
     policies = policies or default_policies(steps, str(spec.default_switch or "adaptive"))
     pairs = [(i, p, s) for i, (p, s) in enumerate(held_out_pairs(count, seed_base, form))]
-    chunks = [pairs[w::workers] for w in range(workers)]
     if workers == 1:
         parts = [_generate_pairs(model, pairs, steps, policies, SAMPLE_PAIRS, threads)]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_generate_pairs, *zip(*[(model, c, steps, policies, SAMPLE_PAIRS, threads)
-                                                           for c in chunks])))
+            parts = list(pool.map(_generate_pairs, *zip(*[(model, pairs[w::workers], steps, policies, SAMPLE_PAIRS,
+                                                            threads) for w in range(workers)])))
     table = []
     for policy in policies:
         merged = {k: [v for rows, _ in parts for v in rows[policy][k]] for k in ("scores", "switch_steps", "seconds")}
@@ -143,7 +144,7 @@ def run_table(model: str | None, count: int, steps: int | None, policies: list[s
     for r in table:
         r["speedup_vs_none"] = base / r["seconds"]["median"]
     return {"model": spec.name, "form": form, "videos": count, "steps": steps, "workers": workers,
-            "torch_threads": threads or 1, "seed_base": seed_base, "rows": table}
+            "torch_threads": threads or torch.get_num_threads(), "seed_base": seed_base, "rows": table}
 
 
 def markdown(result: dict) -> str:
@@ -151,8 +152,8 @@ def markdown(result: dict) -> str:
         f"{result['videos']} prompt x seed pairs of the `{result.get('form', 'core')}` form (seeds from "
         f"{result['seed_base']:,}), "
         f"{result['steps']} steps, model `{result['model']}`, "
-        f"{result.get('workers', 1)} process(es) of {result['torch_threads']} torch thread(s). Accuracy in %; PSNR/SSIM against the `none` video of the "
-        "same seed; seconds = denoise + decode per video (median, [min, max]).",
+        f"{result.get('workers', 1)} process(es) of {result['torch_threads']} torch thread(s). Accuracy in %; "
+        "PSNR/SSIM against the `none` video of the same seed; seconds = denoise + decode per video (median, [min, max]).",
         "",
         "| policy | color | shape | motion | all three | temporal | detail | PSNR dB | SSIM | large steps "
         "| seconds | speedup |",
