@@ -63,8 +63,13 @@ class BatchLoop:
         """Requests in this replica now (resident, or waiting to become so)."""
         return len(self.batch) + len(self.pending) + self.inbox.qsize()
 
+    def waiting_and_resident(self) -> tuple[int, int]:
+        """(requests waiting to join the batch, requests in it)."""
+        return len(self.pending) + self.inbox.qsize(), len(self.batch)
+
     def publish_load(self) -> None:
-        self.metrics.set_load(len(self.batch), len(self.pending) + self.inbox.qsize(), part=self.role)
+        waiting, resident = self.waiting_and_resident()
+        self.metrics.set_load(resident, waiting, part=self.role)
 
     def run(self) -> None:
         while not self.closed.is_set():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import math
 import os
 import shutil
@@ -136,6 +135,49 @@ def check_keys(config: dict[str, Any]) -> str | None:
     return None
 
 
+POLICY = "srserve.control.autoscale:StageRatioPolicy"
+
+
+def check_autoscaling(config: dict[str, Any]) -> str | None:
+    """Why an srserve app's `autoscaling_policy` cannot work as configured, or None: said before Ray starts (Serve
+    would only log a failing policy in its controller, and a stage with Serve's own delays would lag the policy's).
+    """
+    from srserve.control.autoscale import StageRatioPolicy
+    from srserve.serving.args import AppArgs
+
+    for app in config["applications"]:
+        policy = app.get("autoscaling_policy")
+        if not policy or not app.get("import_path", "").startswith("srserve.serving"):
+            continue
+        name = app.get("name", "default")
+        if policy.get("policy_function") != POLICY:
+            continue  # someone else's policy: theirs to check
+        try:
+            built = StageRatioPolicy(**(policy.get("policy_kwargs") or {}))
+        except (TypeError, ValueError) as err:
+            return f"application {name!r}: autoscaling_policy.policy_kwargs: {err}"
+        args = AppArgs.model_validate(app.get("args") or {})
+        stages = {stage: options for stage, options in args.stages().items() if options.autoscaling_config}
+        if not stages:
+            return f"application {name!r}: autoscaling_policy is set but no stage has an autoscaling_config"
+        sized = {stage: deployment for deployment, stage in built.deployments.items()}
+        for stage, options in stages.items():
+            if stage not in sized:
+                return f"application {name!r}: the policy does not size stage {stage!r} (its `deployments`)"
+            delays = {k: options.autoscaling_config.get(k) for k in ("upscale_delay_s", "downscale_delay_s")}
+            if any(v != 0 for v in delays.values()):
+                return (f"application {name!r}: {stage}.autoscaling_config must set upscale_delay_s and "
+                        f"downscale_delay_s to 0 under the policy (it has its own delays), got {delays}")
+            wanted = options.max_batch_size if stage in ("sketch", "render") else 1
+            if built.concurrency.get(stage, 1) != wanted:
+                return (f"application {name!r}: autoscaling_policy.policy_kwargs.concurrency.{stage} must be the "
+                        f"requests one replica serves at once ({wanted}), got {built.concurrency.get(stage, 1)}")
+        unknown = sorted(set(built.concurrency) - set(stages))
+        if unknown:
+            return f"application {name!r}: policy concurrency names stages that do not autoscale: {unknown}"
+    return None
+
+
 def load_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {"applications": [dict(DEFAULT_APP)]}
@@ -143,13 +185,6 @@ def load_config(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict) or not data.get("applications"):
         raise ValueError(f"{path}: expected a Serve config with an `applications:` list")
     return data
-
-
-def import_builder(import_path: str) -> Any:
-    module, _, attr = import_path.partition(":")
-    if not attr:
-        module, _, attr = import_path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
 
 
 def pool_resources(config: dict[str, Any]) -> dict[str, float]:
@@ -164,6 +199,49 @@ def pool_resources(config: dict[str, Any]) -> dict[str, float]:
     return {name: float(math.ceil(amount - 1e-9)) for name, amount in total.items()}
 
 
+def deploy_schema(config: dict[str, Any], host: str, port: int) -> Any:
+    """The config as Ray's `ServeDeploySchema`, srserve apps' local paths made absolute here (the controller
+    builds the apps in its own process). Deploying the schema, as `serve deploy` does, is what honours an
+    application's `autoscaling_policy` (srserve's stage-ratio policy); `serve.run` of a built app cannot carry it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from srserve.serving.args import AppArgs
+
+    apps = []
+    for app in config["applications"]:
+        entry = {k: v for k, v in app.items() if k != "args"}
+        args = app.get("args") or {}
+        if app.get("import_path", "").startswith("srserve.serving"):
+            args = AppArgs.model_validate(args).resolved().model_dump(mode="json")
+        apps.append({"name": "default", **entry, "args": args})
+    extra = {k: v for k, v in config.items() if k in ("proxy_location", "logging_config")}
+    return ServeDeploySchema.model_validate({**extra, "http_options": {"host": host, "port": port},
+                                             "applications": apps})
+
+
+def deploy(config: dict[str, Any], host: str, port: int, stop: threading.Event, timeout_s: float = 1800.0) -> None:
+    """Deploy every application of `config` and wait until all run (RuntimeError naming a failed one)."""
+    import time
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    schema = deploy_schema(config, host, port)
+    _get_global_client().deploy_apps(schema)
+    names, deadline = [app.name for app in schema.applications], time.monotonic() + timeout_s
+    while not stop.wait(0.5):
+        statuses = serve.status().applications
+        states = {name: str(getattr(statuses.get(name), "status", "NOT_STARTED")) for name in names}
+        failed = [name for name, state in states.items() if "FAILED" in state]
+        if failed:
+            message = statuses[failed[0]].message
+            raise RuntimeError(f"application {failed[0]!r} failed to deploy: {message}")
+        if all(state.endswith("RUNNING") for state in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"applications not running after {timeout_s:.0f} s: {states}")
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -174,7 +252,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     http = config.get("http_options") or {}
     host, port = opts.host or http.get("host", "127.0.0.1"), opts.port or int(http.get("port", 8000))
-    refusal = check_exposure(config, host) or check_keys(config)
+    refusal = check_exposure(config, host) or check_keys(config) or check_autoscaling(config)
     if refusal:
         print(f"srserve serve: refusing to start: {refusal}", file=sys.stderr)
         return 2
@@ -216,11 +294,9 @@ def serve_main(argv: list[str] | None = None) -> int:
             print(f"srserve: Prometheus at {prometheus.url} (scraping {', '.join(targets)}; "
                   "Grafana dashboards: deployments/monitoring/)", flush=True)
         serve.start(http_options={"host": host, "port": port})
+        deploy(config, host, port, stop)
         for app in config["applications"]:
-            builder = import_builder(app["import_path"])
-            target = builder(app.get("args") or {}) if callable(builder) else builder
             prefix = app.get("route_prefix", "/")
-            serve.run(target, name=app.get("name", "default"), route_prefix=prefix)
             docs = (app.get("args") or {}).get("api_docs")
             print(f"srserve: {app.get('name', 'default')} ready at http://{host}:{port}{prefix.rstrip('/')}/v1"
                   + (f" (docs: http://{host}:{port}{prefix.rstrip('/')}/docs)" if docs else ""), flush=True)

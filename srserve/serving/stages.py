@@ -16,147 +16,29 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
-from ray import serve
-
 from srserve.config import GenerationRequest, ModelSpec
-from srserve.pipeline.engine import Cancelled, DenoiseBatch, SREngine
-from srserve.pipeline.spec import resolve_model_spec
-from srserve.serving.args import EncodeOptions, StageOptions
+from srserve.pipeline.engine import Cancelled, DenoiseBatch
+from srserve.serving.args import EncodeOptions
 from srserve.serving.artifacts import ArtifactStore, CheckpointMissing, encode_outputs
 from srserve.serving.batch_loop import BatchLoop, Entry
 from srserve.serving.calls import describe
-from srserve.serving.gpu import start_gpu_sampler
-from srserve.serving.logs import install_job_filter, job_context, log_transition
-from srserve.serving.messages import HandoffProbe, JobCancelled, StageMessage
+from srserve.serving.messages import JobCancelled, StageMessage
 from srserve.serving.metrics import StageMetrics
-from srserve.serving.reporter import Reporter, Watch, stage_event
+from srserve.serving.reporter import Reporter, Watch
+from srserve.serving.stage_base import StageBase, resolve_spec
 
 logger = logging.getLogger("ray.serve")
 
-
-def resolve_spec(model: str | ModelSpec | dict[str, Any]) -> ModelSpec:
-    """`AppArgs.model` (a path or inline ModelSpec fields; AppArgs names the bundled model) as a checked spec."""
-    return resolve_model_spec(ModelSpec.model_validate(model) if isinstance(model, dict) else model)
+__all__ = ["Decode", "Encode", "Render", "Sketch", "StageBase", "resolve_spec"]
 
 
-def pin_process(cores: list[int] | None) -> None:
-    """Pin every thread of this process (and so the threads it starts later) to `cores` (Linux only)."""
-    if not cores or not hasattr(os, "sched_setaffinity"):
-        return
-    try:
-        os.sched_setaffinity(0, cores)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cpu_affinity {cores}: cannot pin to these cores here ({err})") from None
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # a thread that just ended
-            os.sched_setaffinity(int(tid), cores)
-
-
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside Serve (unit tests)
-        return "local"
-
-
-class _Stage(HandoffProbe):
-    role = ""
-    roles: tuple[str, ...] = ()  # the engine roles whose weights this stage loads
-    options_model: type[StageOptions] = StageOptions
-
-    def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any],
-                 compute: Any = None, reporter: Reporter | None = None, metrics: StageMetrics | None = None) -> None:
-        self.options = self.options_model.model_validate(options)
-        install_job_filter()
-        pin_process(self.options.cpu_affinity)
-        if self.options.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.options.torch_threads)
-        # Held around every model computation: a no-op alone, shared by the roles of a Colocated replica.
-        self.compute = compute if compute is not None else contextlib.nullcontext()
-        self.engine = SREngine.load(resolve_spec(model), roles=self.roles)
-        self.store = store
-        # Where the denoising stages save the state they hand on, and Encode loads it for a resumed job.
-        url = self.options.checkpoint_url
-        self.checkpoints = ArtifactStore(url) if url else None
-        self.reporter = reporter or Reporter(store, self.options.progress_interval_s)
-        self.replica = _replica_id()
-        # A Colocated replica passes one "colocated" StageMetrics that its roles share.
-        self.metrics = metrics or StageMetrics(self.role, self.options.model_name or self.engine.spec.name)
-        self._lock = asyncio.Lock()  # encode, decode: one request at a time
-        self._queued = self._busy = 0  # encode, decode: waiting for `_lock`, holding it
-        start_gpu_sampler(self.options.pool or "none")  # once per process and pool; a daemon thread
-
-    def _begin(self, msg: StageMessage) -> StageMessage:
-        """The stage's start event joins those riding with the job (no store call here)."""
-        start = stage_event("start", msg.job_id, msg.attempt, self.role, replica=self.replica)
-        log_transition(msg.job_id, msg.attempt, self.role, self.replica, 0.0, "started",
-                       prompt=msg.request.prompt, log_prompts=self.options.log_prompts)
-        return replace(msg, reports=(*msg.reports, start))
-
-    def _end(self, msg: StageMessage, info: dict[str, Any]) -> StageMessage:
-        if msg.transfer is not None:
-            info = {**info, "handoff": msg.transfer}
-            ended = [e["stage"] for e in msg.reports if e["kind"] == "end"]
-            self.metrics.observe_handoff(ended[-1] if ended else "other", msg.transfer, self.role)
-        self._left(msg, "ok", **{k: v for k, v in info.items() if k in ("switch_step", "step", "num_steps")})
-        end = stage_event("end", msg.job_id, msg.attempt, self.role, info=info)
-        return replace(msg, reports=(*msg.reports, end), transfer=None)
-
-    def _left(self, msg: StageMessage, outcome: str, **fields: Any) -> None:
-        """The request leaves the stage: its latency (from its start event) and its transition line."""
-        began = next((e["at"] for e in reversed(msg.reports) if e["kind"] == "start" and e["stage"] == self.role),
-                     None)
-        seconds = time.time() - began if began is not None else 0.0
-        if self.metrics.stage == self.role:  # a Colocated replica times the whole request instead
-            self.metrics.observe_stage(seconds, outcome)
-        log_transition(msg.job_id, msg.attempt, self.role, self.replica, seconds, outcome, **fields)
-
-    @contextlib.contextmanager
-    def _scope(self, msg: StageMessage) -> Any:
-        """The stage's work for one job (after `_begin`): lines logged inside carry the job id; a request that
-        leaves by an exception is measured and logged as cancelled or failed."""
-        with job_context(msg.job_id, msg.attempt):
-            try:
-                yield
-            except BaseException as err:
-                cancelled = isinstance(err, (JobCancelled, Cancelled, asyncio.CancelledError))
-                self._left(msg, "cancelled" if cancelled else "failed", **({} if cancelled else
-                                                                           {"error": describe(err)}))
-                raise
-
-    @contextlib.asynccontextmanager
-    async def _turn(self) -> Any:
-        """Hold the stage's lock (encode, decode: one request at a time), the load gauges following."""
-        self._queued += 1
-        self._publish_load()
-        entered = False
-        try:
-            async with self._lock:
-                self._queued, self._busy, entered = self._queued - 1, self._busy + 1, True
-                self._publish_load()
-                try:
-                    yield
-                finally:
-                    self._busy -= 1
-        finally:
-            if not entered:
-                self._queued -= 1
-            self._publish_load()
-
-    def _publish_load(self) -> None:
-        self.metrics.set_load(self._busy, self._queued, part=self.role)
-
-
-class Encode(_Stage):
+class Encode(StageBase):
     """Text encoder + the step-0 state (seeded noise, scheduler). Prompt embeddings are cached (LRU)."""
 
     role, roles, options_model = "encode", ("encode",), EncodeOptions
@@ -246,7 +128,7 @@ class Encode(_Stage):
         return key, embeddings, seconds
 
 
-class _Denoise(_Stage):
+class _Denoise(StageBase):
     """Runs a `DenoiseBatch` in one worker thread (`BatchLoop`): admit at step boundaries, step what the fair
     scheduler picks (srserve.pipeline.scheduling), retire finished requests."""
 
@@ -315,6 +197,21 @@ class _Denoise(_Stage):
         except Cancelled as err:
             raise JobCancelled(f"job {msg.job_id} cancelled in {self.role}: {err}") from None
 
+    def _record_cost(self, msg: StageMessage, info: dict[str, Any], seconds: float) -> None:
+        """Seconds per step while resident in the batch (from the first step's end, so the wait to join is left
+        out), the steps run and, for the sketch, the switch step: what the policy needs to price this stage."""
+        steps = int(info.get("step") or 0) - msg.state.step_index
+        if steps <= 0:  # passed through without a step (e.g. nothing left to render)
+            return
+        first = info.get("first_step_at")
+        step_s = (time.time() - first) / (steps - 1) if first is not None and steps > 1 else seconds / steps
+        self.autoscale_stats.finished(step_s * steps, step_seconds=step_s, num_steps=info.get("num_steps"),
+                                      switch_step=info.get("switch_step") if self.role == "sketch" else None)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        waiting, resident = self._loop.waiting_and_resident()
+        return self.autoscale_stats.snapshot(waiting, resident)
+
     def load(self) -> int:
         """Requests in this replica now (resident in the batch or waiting to join it)."""
         return self._loop.load()
@@ -353,7 +250,7 @@ class Render(_Denoise):
     role, roles = "render", ("render",)
 
 
-class Decode(_Stage):
+class Decode(StageBase):
     """VAE decode, mp4 encode, artifacts; returns only small metadata to the driver."""
 
     role, roles = "decode", ("decode",)
