@@ -264,8 +264,25 @@ def admit(tenant: str, cost: float, estimate: Mapping[str, float],
             return refusal
     if not deadline:
         return None
-    own, theirs = remaining(estimate, 0), [r for who, r in left if who != tenant]
-    if deadline.get("colocated"):
-        own, mine, theirs = merged(own), [merged(r) for r in mine], [merged(r) for r in theirs]
+    own, mine, theirs = _shares(tenant, estimate, left, bool(deadline.get("colocated")))
     return check_deadline(own, mine, theirs, deadline["capacity"], float(deadline["deadline_s"]),
                           deadline.get("param") or "num_inference_steps")
+
+
+def _shares(tenant: str, estimate: Mapping[str, float], left: list[tuple[str, dict[str, float]]],
+            colocated: bool) -> tuple[dict[str, float], list[dict[str, float]], list[dict[str, float]]]:
+    """A new job's own remaining costs, the tenant's jobs' and the others' (one resource when colocated)."""
+    own = remaining(estimate, 0)
+    mine, theirs = [r for who, r in left if who == tenant], [r for who, r in left if who != tenant]
+    if colocated:
+        own, mine, theirs = merged(own), [merged(r) for r in mine], [merged(r) for r in theirs]
+    return own, mine, theirs
+
+
+def projected_completion(estimate: Mapping[str, float], active: list[tuple[str, float, int, Mapping[str, float]]],
+                         capacity: Mapping[str, int], colocated: bool = False) -> float:
+    """Seconds until a new job completes under the jobs in flight (`active` as for `admit`): the SLO controller's
+    projection of what a job created now will see (srserve.serving.switch_cap)."""
+    left = [(who, remaining(est, progress)) for who, _, progress, est in active]
+    own, mine, theirs = _shares("", estimate, left, colocated)
+    return projected_s(own, mine + theirs, capacity)

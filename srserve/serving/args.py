@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from srserve.api.protocol import RequestLimits
 from srserve.config import ModelSpec
+from srserve.control.slo import SLOConfig
 from srserve.pipeline.switch import parse_policy
 from srserve.tiny import default_model_path
 
@@ -222,6 +223,46 @@ class AdmissionOptions(BaseModel):
                                              "a lower deadline_s; null: watchdog.job_timeout_s")
 
 
+class SLOOptions(BaseModel):
+    """The SLO-driven switch point (srserve.control.slo): each ingress replica caps the sketch steps of the jobs it
+    creates (an earlier switch) while their p95 end-to-end latency threatens `p95_target_s`, never below
+    `floor_steps`, and lifts the cap as load falls. A client's fixed `switch` (step:K, ratio:R, none, small-only)
+    is never overridden; an adaptive policy keeps its rule, with its `max=` lowered to the cap."""
+
+    model_config = ConfigDict(extra="forbid")
+    p95_target_s: float = Field(gt=0, description="the p95 end-to-end latency (created -> completed) to hold")
+    floor_steps: int = Field(ge=1, description="quality floor: the cap never goes below this many sketch steps "
+                             "(at reference_steps)")
+    reference_steps: int | None = Field(None, ge=1, description="the step count the cap is counted at (a request "
+                                        "with another N gets it scaled); null: the model's default steps")
+    ceiling_steps: int | None = Field(None, ge=1, description="the uncapped latest switch; null: the adaptive "
+                                      "rule's max (60% of reference_steps)")
+    threaten_ratio: float = Field(0.9, gt=0, description="lower the cap while the p95 is above this x the target")
+    relax_ratio: float = Field(0.7, gt=0, description="raise it while below this x the target (< threaten_ratio)")
+    step: int = Field(2, ge=1, description="sketch steps per move of the cap")
+    interval_s: float = Field(30.0, ge=0, description="at most one move this often")
+    window_s: float = Field(300.0, gt=0, description="completed jobs older than this are not counted")
+    min_samples: int = Field(20, ge=1, description="completed jobs needed for an observed p95")
+    tick_s: float = Field(5.0, gt=0, description="how often each ingress replica runs the controller")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SLOOptions":
+        # SLOConfig's own checks, so a config is refused where it is read; without reference_steps the floor is
+        # checked against the model's default steps when the ingress starts (the card is not read here: no I/O).
+        reference = self.reference_steps or max(self.floor_steps, self.ceiling_steps or 1)
+        try:
+            self.config(reference)
+        except ValueError as err:
+            raise ValueError(f"slo: {err}") from None
+        return self
+
+    def config(self, default_steps: int) -> SLOConfig:
+        """The controller's config; `default_steps`: the model's default N (used when reference_steps is null)."""
+        fields = self.model_dump(exclude={"tick_s"})
+        fields["reference_steps"] = self.reference_steps or default_steps
+        return SLOConfig(**fields)
+
+
 class AppArgs(BaseModel):
     """Everything `srserve.serving:build_app` takes (the `args:` of a Serve config application)."""
 
@@ -264,6 +305,8 @@ class AppArgs(BaseModel):
                              "was created (the Video's expires_at)")
     sweep_interval_s: float = Field(300.0, gt=0, description="how often each ingress replica removes expired and "
                                     "deleted records and their artifacts")
+    slo: SLOOptions | None = Field(None, description="the SLO-driven switch point (a cap on the sketch steps "
+                                   "under load); null: no controller, every job runs the switch it resolved to")
 
     @field_validator("model", mode="before")
     @classmethod

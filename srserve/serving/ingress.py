@@ -7,6 +7,11 @@ Every video belongs to the caller (API key name) that created it: other callers 
 Admission: the request's cost is estimated per stage (srserve.serving.admission, prices refined from completed
 jobs), refused over `max_request_cost_s`, and the JobStore checks the caller's quotas and the deadline atomically.
 A periodic sweep removes expired and deleted records and their artifacts.
+
+With `AppArgs.slo`, each replica runs its own SLO controller (srserve.serving.switch_cap) over the jobs it creates
+and drives: every `slo.tick_s` it reads the latencies of the jobs completed here and admission's projections,
+and each new job's switch is capped by the cap then in force (the record keeps switch_cap, switch_requested and
+switch_applied; a client's fixed switch is never overridden).
 """
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ from ray import serve
 
 from srserve.api.auth import Caller, KeyRing
 from srserve.api.protocol import (
-    VARIANTS, ApiError, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
+    VARIANTS, ApiError, ResolvedRequest, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
 )
 from srserve.api.routes import create_app
+from srserve.control.slo import gauges as slo_gauges
 from srserve.pipeline.card import ModelCard, model_card
 from srserve.pipeline.spec import resolve_model_spec
 from srserve.serving import admission
@@ -36,6 +42,7 @@ from srserve.serving.job_record import public_record, short_message
 from srserve.serving.logs import install_job_filter
 from srserve.serving.messages import HandoffProbe
 from srserve.serving.metrics import JobMetrics, refusal_reason
+from srserve.serving.switch_cap import SwitchCapController
 
 logger = logging.getLogger("ray.serve")
 CAPACITY_TTL_S = 30.0  # how long a replica count read from serve.status() is used
@@ -111,6 +118,7 @@ class Ingress(HandoffProbe):
         self._capacity: tuple[float, dict[str, int]] = (0.0, self._configured_capacity())
         install_job_filter()
         self.jobs = JobMetrics(self.model.name)
+        self.switch_cap = self._switch_cap()
         self.store = store
         self.artifacts = ArtifactStore(self.args.artifacts_url)
         # By reference: a stage's response reaches the next stage as an object ref, never resolved here.
@@ -118,9 +126,10 @@ class Ingress(HandoffProbe):
         self.owner = serve.get_replica_context().replica_id.unique_id
         self.driver = JobDriver(store, stages, self.owner, self.args.watchdog, self.args.max_retries,
                                 self.args.retry_after_s, on_cancelled=self._drop_artifacts, metrics=self.jobs,
-                                on_completed=self._completed, artifacts=self.artifacts)
+                                on_completed=self._on_completed, artifacts=self.artifacts)
         self.driver.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        self._slo_ticker = asyncio.get_running_loop().create_task(self._slo_loop()) if self.switch_cap else None
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self, title=f"srserve ({self.model.name})", on_refused=self._refused, keys=self.keys,
@@ -128,11 +137,14 @@ class Ingress(HandoffProbe):
 
     async def __del__(self) -> None:
         self._sweeper.cancel()
+        if self._slo_ticker is not None:
+            self._slo_ticker.cancel()
         await self.driver.stop()
 
     # --- VideoService -------------------------------------------------------------------------------------
     async def create(self, body: VideoCreateBody, caller: Caller) -> Video:
         resolved = resolve_create(body, self.model, self.args.limits)
+        resolved, capped = self._capped(resolved, client_fixed=body.switch is not None)
         generation = resolved.generation.model_dump(mode="json")
         estimate = self.prices.estimate(admission.request_shape(generation, self.model,
                                                                 self.args.admission.adaptive_sketch_fraction))
@@ -146,12 +158,17 @@ class Ingress(HandoffProbe):
                    "priority": caller.priority, "deadline_s": deadline_s}
         record = {"id": job_id, "created_at": now, "model": resolved.model, "request": request,
                   "owner": self.owner, "lease_until": now + self.args.watchdog.lease_s, "tenant": caller.name,
-                  "cost": admission.total(estimate), "estimate": estimate, "expires_at": now + self.args.job_ttl_s}
+                  "cost": admission.total(estimate), "estimate": estimate, "expires_at": now + self.args.job_ttl_s,
+                  **capped}
         quota = {**self.args.auth.quotas.model_dump(), **caller.quota} if self.args.auth else None
         deadline = {"deadline_s": deadline_s, "capacity": await self._stage_capacity(), "param": param,
                     "colocated": self.args.mode == "colocated"} if self.args.admission.check_deadline else None
         created = await call(self.store, "create", record, self.args.max_pending_jobs, self.args.watchdog.lease_s,
                              quota, deadline)
+        if created is not None:  # admission's projection of this job's completion, not a record field
+            projected = created.pop("projected_s", None)
+            if self.switch_cap is not None:
+                self.switch_cap.projected(projected)
         if created is not None and "refused" in created:
             raise refused(created["refused"])
         if created is None:
@@ -161,6 +178,16 @@ class Ingress(HandoffProbe):
         self.jobs.created(resolved.generation.switch)
         self.driver.drive(job_id, created)
         return to_video(created)
+
+    def _capped(self, resolved: ResolvedRequest, client_fixed: bool) -> tuple[ResolvedRequest, dict[str, Any]]:
+        """The request under the SLO controller's cap, and what its record keeps of it ({} without a controller)."""
+        if self.switch_cap is None:
+            return resolved, {}
+        g = resolved.generation
+        result = self.switch_cap.cap(str(g.switch), int(g.num_inference_steps), client_fixed)
+        if result.capped:
+            resolved = resolved.model_copy(update={"generation": g.model_copy(update={"switch": result.switch})})
+        return resolved, result.record()
 
     def _deadline(self, body: VideoCreateBody, generation: dict[str, Any]) -> tuple[float, str]:
         """The job's deadline (the lowest of job_timeout_s, default_deadline_s and the request's deadline_s) and
@@ -251,8 +278,16 @@ class Ingress(HandoffProbe):
         await asyncio.to_thread(self.artifacts.delete, job_id)
 
     # --- what admission learns and knows ------------------------------------------------------------------
+    def _on_completed(self, job_id: str, attempt: int, result: dict[str, Any]) -> None:
+        """The driver's hook after a job completed: its end-to-end latency feeds the SLO controller, then
+        `_completed` learns from it."""
+        job = self.driver.view(job_id)
+        if self.switch_cap is not None and job is not None:
+            self.switch_cap.completed(job["created_at"])
+        self._completed(job_id, attempt, result)
+
     def _completed(self, job_id: str, attempt: int, result: dict[str, Any]) -> None:
-        """The driver's hook after a job completed: its stage times refine the prices."""
+        """A completed job's stage times refine the prices."""
         job = self.driver.view(job_id)
         if not self.args.admission.learn or job is None:
             return
@@ -285,6 +320,30 @@ class Ingress(HandoffProbe):
         except Exception as err:  # keep what we had: admission must not fail on a status read
             logger.debug("replica counts not read: %s", describe(err))
         return self._capacity[1]
+
+    # --- the SLO-driven switch point ----------------------------------------------------------------------
+    def _switch_cap(self) -> SwitchCapController | None:
+        """This replica's controller (None without `slo`); without reference_steps the cap counts the model's
+        default steps, and the floor is checked against them here (the args could not read the card)."""
+        if self.args.slo is None:
+            return None
+        try:
+            config = self.args.slo.config(self.model.default_steps)
+        except ValueError as err:
+            raise ValueError(f"slo: {err} (model {self.model.name} defaults to {self.model.default_steps} "
+                             f"steps)") from None
+        controller = SwitchCapController(config, on_state=lambda state: self.jobs.set_slo(slo_gauges(state)))
+        self.jobs.set_slo(controller.gauges())  # the series exist (cap -1: none) before the first tick
+        return controller
+
+    async def _slo_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.args.slo.tick_s)
+            try:
+                state = self.switch_cap.tick()
+                logger.debug("SLO controller: cap %s (%s)", state.cap, state.reason)
+            except Exception as err:  # a failed tick keeps the last cap; the next one tries again
+                logger.warning("SLO controller tick failed: %s", describe(err))
 
     # --- hygiene: expired and deleted records ---------------------------------------------------------------
     async def _sweep_loop(self) -> None:

@@ -45,7 +45,12 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     deleted: bool = False
     stages: dict[str, StageRecord] = Field(default_factory=dict)
-    switch_step: int | None = None
+    switch_step: int | None = None  # the switch the job got: sketch steps actually run (the sketch stage's end)
+    # The SLO controller's part (AppArgs.slo; None without it): the cap in force at create, in this job's steps,
+    # the switch policy it asked for (or the model's default) and the one it runs (srserve.control.slo.CapResult).
+    switch_cap: int | None = None
+    switch_requested: str | None = None
+    switch_applied: str | None = None
     checkpoint: str | None = None  # the last stage whose handed-on state was saved (a retry resumes after it)
     error: dict[str, str] | None = None  # {code, message}: a reason code and a short message (see `reason`)
     history: list[str] = Field(default_factory=list)  # reasons of earlier failed attempts

@@ -171,20 +171,23 @@ class SQLiteJobStore:
         if begin_lease_s is not None:
             record.attempt, record.lease_until = 1, record.updated_at + begin_lease_s
         values = [int(getattr(record, n)) if n in _BOOLS else getattr(record, n) for n in _NAMES]
+        projected: dict[str, float] = {}
         with self._lock:
             if max_active is not None and \
                     self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {ACTIVE_SQL}").fetchone()[0] >= max_active:
                 return None
-            refusal = self._admit(record, quota, deadline) if quota or deadline else None
+            refusal = self._admit(record, quota, deadline, projected) if quota or deadline else None
             if refusal is not None:
-                return {"refused": refusal.as_dict()}
+                return {"refused": refusal.as_dict(), **projected}
             self._db.execute(f"INSERT INTO jobs (id, data, {', '.join(_NAMES)}) VALUES (?, ?{', ?' * len(_NAMES)})",
                              (record.id, record.model_dump_json(), *values))
-        return record.model_dump()
+        return {**record.model_dump(), **projected}
 
-    def _admit(self, job: JobRecord, quota: dict[str, Any] | None,
-               deadline: dict[str, Any] | None) -> admission.Refusal | None:
-        """The tenant's quotas, then the deadline under the current queue (under the lock)."""
+    def _admit(self, job: JobRecord, quota: dict[str, Any] | None, deadline: dict[str, Any] | None,
+               projected: dict[str, float]) -> admission.Refusal | None:
+        """The tenant's quotas, then the deadline under the current queue (under the lock). With a deadline,
+        `projected["projected_s"]` gets the job's projected completion seconds (the caller's SLO controller reads
+        it from create's answer; it is not part of the record)."""
         active = [(tenant, cost, progress, json.loads(estimate or "{}")) for tenant, cost, progress, estimate in
                   self._db.execute(f"SELECT tenant, cost, progress, json_extract(data, '$.estimate') FROM jobs "
                                    f"WHERE {ACTIVE_SQL}")]
@@ -192,6 +195,9 @@ class SQLiteJobStore:
         recent = [r[0] for r in self._db.execute(
             "SELECT created_at FROM jobs WHERE tenant = ? AND created_at > ? ORDER BY created_at",
             (job.tenant, now - admission.WINDOW_S))] if quota else []
+        if deadline:
+            projected["projected_s"] = admission.projected_completion(
+                job.estimate, active, deadline["capacity"], bool(deadline.get("colocated")))
         return admission.admit(job.tenant, job.cost, job.estimate, active, recent, quota, deadline, now)
 
     def begin_attempt(self, job_id: str, owner: str, lease_s: float) -> dict[str, Any] | None:

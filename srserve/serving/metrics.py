@@ -44,6 +44,7 @@ Where each call goes (one object per replica, made in its `__init__`, after Serv
     (failed: timeout, retries_exhausted or the error's class; cancelled). Jobs ended by the store itself while no
     driver held them (`claim_orphans`, `begin_attempt` of a job cancelled between attempts) are not counted.
   - `jm.set_in_flight(n)` whenever the driver's set of active jobs changes.
+  - `jm.set_slo(slo.gauges(state))` after each tick of the ingress's SLO controller (AppArgs.slo; switch_cap.py).
 - `StoreMetrics()`: `with st.timed(op): ...` around each job-store operation, in JobStoreDeployment's wrapper.
 - GPU gauges: `srserve.serving.gpu.start_gpu_sampler(pool)` once per stage replica (`_Stage.__init__`, pool = the
   stage's `pool` option, "none" without one).
@@ -84,6 +85,9 @@ STORE_OPS = ("ping", "get", "list", "create", "begin_attempt", "renew", "watch",
 PHASES = {"serialize_s": "serialize", "transit_s": "transit", "deserialize_s": "deserialize"}
 EMBEDDINGS_HOP = "encode->{dst}:embeddings"  # the prompt embeddings, fetched by reference (phase "fetch")
 OTHER = "other"
+# srserve.control.slo.gauges() names defined here under others (metric names carry no digits, so not "p95").
+SLO_GAUGES = {"srserve_slo_observed_p95_seconds": "srserve_slo_observed_latency_seconds",
+              "srserve_slo_projected_p95_seconds": "srserve_slo_projected_latency_seconds"}
 
 
 def _m(name: str, kind: Kind, description: str, labels: tuple[str, ...], buckets: tuple[float, ...] = ()
@@ -117,6 +121,14 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     _m("job_first_progress_seconds", "histogram", "Seconds from creation to the first progress.", _JOB,
        JOB_SECONDS),
     _m("job_switch_step", "histogram", "Sketch steps k before the switch to the render model.", _JOB, STEPS),
+    # The SLO controller of each ingress replica (srserve.control.slo.gauges names them; AppArgs.slo).
+    _m("switch_cap_steps", "gauge", "Sketch steps the SLO controller caps new jobs at (reference steps; -1: none).",
+       ("model",)),
+    _m("slo_threatened", "gauge", "1 while the p95 end-to-end latency threatens the SLO, else 0.", ("model",)),
+    _m("slo_observed_latency_seconds", "gauge", "p95 end-to-end seconds of the jobs completed since the cap's "
+       "last move (NaN: too few).", ("model",)),
+    _m("slo_projected_latency_seconds", "gauge", "p95 of admission's projected completion seconds of the jobs "
+       "created since the last tick (NaN: none).", ("model",)),
     _m("store_op_seconds", "histogram", "Job-store operation seconds.", ("op", "status"), SECONDS),
     _m("gpu_sampler_up", "gauge", "1 while the NVML sampler runs, 0 where NVML or GPUs are absent.", ("pool",)),
     _m("gpu_utilization_percent", "gauge", "GPU utilisation (NVML), percent.", _GPU),
@@ -303,6 +315,11 @@ class JobMetrics:
 
     def set_in_flight(self, jobs: int) -> None:
         record("srserve_jobs_in_flight", jobs, {"model": self.model})
+
+    def set_slo(self, gauges: Mapping[str, float]) -> None:
+        """The SLO controller's state (`srserve.control.slo.gauges`), after each of its ticks."""
+        for name, value in gauges.items():
+            record(SLO_GAUGES.get(name, name), value, {"model": self.model})
 
 
 class StoreMetrics:
