@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import httpx
@@ -57,6 +57,7 @@ class LoadSpec:
     body: dict[str, Any]
     count: int
     poisson_rate: float | None = None  # requests per second (open loop)
+    rate_steps: tuple[tuple[float, float], ...] = ()  # open loop, piecewise: (seconds, requests per second) in turn
     concurrency: int | None = None  # in flight at once (closed loop)
     time_limit_s: float = 600.0
     poll_s: float = 0.25
@@ -118,12 +119,32 @@ async def run_load(spec: LoadSpec) -> list[Record]:
             await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
             return sorted(records, key=lambda r: r.index)
         tasks = []
-        for index in range(spec.count):
+        for index, gap in zip(range(spec.count), arrival_gaps(spec, rng)):
             if time.time() >= deadline:
                 break
+            await asyncio.sleep(gap)
             tasks.append(asyncio.create_task(run_one(client, spec, index, deadline)))
-            await asyncio.sleep(rng.expovariate(spec.poisson_rate))
         return list(await asyncio.gather(*tasks))
+
+
+def arrival_gaps(spec: LoadSpec, rng: random.Random) -> Iterator[float]:
+    """Seconds to wait before each request: Poisson at `poisson_rate` (the first at once), or through
+    `rate_steps` in turn (Poisson within each step; the gaps end with the last step)."""
+    if not spec.rate_steps:
+        yield 0.0
+        while True:
+            yield rng.expovariate(spec.poisson_rate)
+    now, begin = 0.0, 0.0
+    for duration, rate in spec.rate_steps:
+        end = begin + duration
+        t = max(now, begin)  # memoryless: the next arrival of this step counts from its start
+        while rate > 0:
+            t += rng.expovariate(rate)
+            if t >= end:
+                break
+            yield t - now
+            now = t
+        begin = end
 
 
 def write_records(records: list[Record], path: str | Path) -> None:

@@ -4,7 +4,8 @@
 
 Reads sr_speedup.json (single request), quality.json (the srd-tiny quality table), serving.json (the serving
 comparison), control_plane_cpu.json, hop_bytes.json, cache_compare.json, before-lean/serving.json (the serving
-comparison before the lean path, for the figures beside) and, when present, run_all.json (the wall time of each step). Missing inputs leave their section out.
+comparison before the lean path, for the figures beside), pools_sim.json, pools_sim_slo.json, fleets.json and
+load_step.json (simulated pools, benchmarks/pools_all.sh) and, when present, run_all.json (the wall time of each step). Missing inputs leave their section out.
 The goals are stated with what was measured; nothing here changes a measurement.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_lean import before_after_section, cache_section, control_plane_section, hop_section  # noqa: E402
 from report_notes import serving_notes  # noqa: E402
+from report_pools import pools_section  # noqa: E402
 from report_plots import SETUP_LABELS, med, plot_quality, plot_serving, plot_single_request  # noqa: E402
 
 
@@ -344,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         body += lines
         goals += g
     lines, g = trust_section(out, load(out / "fairness.json"))
+    body += lines
+    goals += g
+    lines, g = pools_section(out, load)
     body += lines
     goals += g
     table = ["## Goals: measured vs goal", "", "| goal | measured | verdict |", "|---|---|---|"]
