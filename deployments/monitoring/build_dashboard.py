@@ -6,7 +6,7 @@
 Four sections: Overview (request rate, job latency p50/p95/p99, failures and refusals by reason, SLO attainment,
 jobs in flight), Stages (waiting, in flight, batch size, step and stage latency, switch steps, handoffs, prompt
 cache, job store), GPUs (utilisation, memory, power per pool) and Capacity (running vs target replicas per stage,
-from Ray Serve's own series). srserve's series are those srserve/serving/metrics.py defines, as Ray exports them
+from Ray Serve's own series, and the SLO controller's switch cap and p95s). srserve's series are those srserve/serving/metrics.py defines, as Ray exports them
 (`ray_srserve_*`); Ray's are on the allowlist of tests/test_monitoring.py. Variables: `$datasource`, `$cluster`
 (the `ray_io_cluster` label KubeRay's PodMonitors add; absent, and so matched, locally), `$application`,
 `$stage` (multi-value; it also selects Ray Serve's deployments of the same name) and `$slo` (seconds, one of the
@@ -220,6 +220,20 @@ def capacity(layout: Layout) -> None:
             (f'sum by (Name) (ray_resources{{Name=~".*_pool",{CLUSTER}}})', "{{Name}} total")],
             description="Ray's accounting of the pool resources (one unit per GPU): used = total with a queue "
                         "above means the worker group needs more pods."),
+        height=7,
+    )
+    # The SLO controller (AppArgs.slo): each ingress replica exports its own state, so max over replicas.
+    layout.line(
+        timeseries("SLO controller: switch cap", [
+            (f"max by (model) (ray_srserve_switch_cap_steps{{{APP}}})", "{{model}} cap (sketch steps)"),
+            (f"max by (model) (ray_srserve_slo_threatened{{{APP}}})", "{{model}} threatened")],
+            description="Sketch steps new jobs are capped at (-1: no cap), and 1 while the p95 threatens the SLO. "
+                        "A client's fixed switch is never capped."),
+        timeseries("SLO controller: observed vs projected p95", [
+            (f"max by (model) (ray_srserve_slo_observed_latency_seconds{{{APP}}})", "{{model}} observed p95"),
+            (f"max by (model) (ray_srserve_slo_projected_latency_seconds{{{APP}}})", "{{model}} projected p95")],
+            unit="s", description="Observed: completed jobs since the cap last moved; projected: admission's "
+                                  "estimate for the jobs created since the last tick."),
         height=7,
     )
 
