@@ -45,12 +45,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-factor", type=float, default=0.05, help="real seconds per simulated second")
     p.add_argument("--base-rate", type=float, default=0.04, help="1x, requests per simulated second")
     p.add_argument("--phase-s", type=float, default=600.0, help="simulated seconds of each of 1x, 2x, 1x")
+    p.add_argument("--warmup-s", type=float, default=300.0, help="simulated seconds of 1x before the first phase, "
+                   "not counted: the autoscaled pools settle from their idle minimum (Serve deploys them idle)")
+    p.add_argument("--stats-window-s", type=float, default=300.0, help="simulated seconds of starts behind the "
+                   "arrival rate the replicas report to the policy")
     p.add_argument("--slo", type=float, default=300.0, help="p95 end-to-end target, simulated seconds")
     p.add_argument("--floor-steps", type=int, default=10, help="the controller's quality floor (of 50 steps)")
     p.add_argument("--sketch-fixed", type=int, default=5, help="fixed pools: sketch GPUs (render: --render-fixed)")
     p.add_argument("--render-fixed", type=int, default=2)
     p.add_argument("--sketch-max", type=int, default=7, help="autoscaling: most sketch GPUs")
     p.add_argument("--render-max", type=int, default=4)
+    p.add_argument("--target-utilization", type=float, default=0.6, help="autoscaling: the policy's target busy "
+                   "fraction (the config's 0.8 held 1x's p95 over a 300 s SLO in a first run: M/G/c queueing at "
+                   "4-5 sketch GPUs needs more headroom)")
     p.add_argument("--out", default="benchmarks/results/load_step.json")
     p.add_argument("--plot", default="benchmarks/results/load_step.png")
     return p.parse_args(argv)
@@ -75,9 +82,11 @@ def app_config(setup: str, opts: argparse.Namespace, model: str, work: Path) -> 
             args[stage].pop("autoscaling_config")
             args[stage]["num_replicas"] = count
     else:
+        app["autoscaling_policy"]["policy_kwargs"]["target_utilization"] = opts.target_utilization
         for stage, (initial, top) in (("sketch", (opts.sketch_fixed, opts.sketch_max)),
                                       ("render", (opts.render_fixed, opts.render_max)), ("decode", (1, 2))):
             args[stage]["autoscaling_config"].update(min_replicas=1, initial_replicas=initial, max_replicas=top)
+            args[stage]["stats_window_s"] = opts.stats_window_s * tf
     for stage in ("sketch", "render"):
         args[stage].update(queue)
     if setup == "autoscale+slo":
@@ -118,7 +127,7 @@ def quality_at(steps_of_50: float, rows: list[dict[str, Any]]) -> float | None:
 
 def summarise(records: list[dict[str, Any]], replicas: list[dict[str, Any]], opts: argparse.Namespace,
               began: float, quality_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    tf, bounds = opts.time_factor, [opts.phase_s * i for i in range(4)]
+    tf, bounds = opts.time_factor, [opts.warmup_s + opts.phase_s * i for i in range(4)]
     done = [r for r in records if r["status"] == "completed" and r["job"].get("completed_at")]
     jobs = [{"created": (r["job"]["created_at"] - began) / tf,
              "latency": (r["job"]["completed_at"] - r["job"]["created_at"]) / tf,
@@ -134,7 +143,8 @@ def summarise(records: list[dict[str, Any]], replicas: list[dict[str, Any]], opt
                        "mean_switch_step": sum(ks) / len(ks) if ks else None,
                        "capped_jobs": sum(j["switch_cap"] is not None for j in inside)})
     ks = [j["switch_step"] for j in jobs if j["switch_step"] is not None]
-    gpu_s = {s: sum(row[s] for row in replicas) * 1.0 / tf for s in ("sketch", "render")}  # 1 s samples
+    counted = [row for row in replicas if row["t"] / tf >= opts.warmup_s]  # 1 s samples, warm-up left out
+    gpu_s = {s: sum(row[s] for row in counted) * 1.0 / tf for s in ("sketch", "render")}
     q = [quality_at(k, quality_rows) for k in ks]
     q = [x for x in q if x is not None]
     reference = quality_at(opts.adaptive_mean_k, quality_rows) if quality_rows else None
@@ -159,9 +169,11 @@ def run_setup(setup: str, opts: argparse.Namespace, model: str, work: Path, port
     app["route_prefix"] = f"/{setup}"
     deploy(config, "127.0.0.1", port, threading.Event(), timeout_s=300)
     tf = opts.time_factor
-    steps = tuple((opts.phase_s * tf, opts.base_rate * m / tf) for m in (1.0, 2.0, 1.0))
+    steps = ((opts.warmup_s * tf, opts.base_rate / tf),
+             *((opts.phase_s * tf, opts.base_rate * m / tf) for m in (1.0, 2.0, 1.0)))
     spec = LoadSpec(f"http://127.0.0.1:{port}/{setup}", {"prompt": "a red circle moving right", "seed": 0},
-                    count=100000, rate_steps=steps, poll_s=2.0, time_limit_s=3 * opts.phase_s * tf + 600)
+                    count=100000, rate_steps=steps, poll_s=2.0,
+                    time_limit_s=(opts.warmup_s + 3 * opts.phase_s) * tf + 600)
     replicas: list[dict[str, Any]] = []
     stop, began = threading.Event(), time.time()
     sampler = threading.Thread(target=sample_replicas, args=(setup, stop, replicas, began), daemon=True)
@@ -201,8 +213,10 @@ def plot(result: dict[str, Any], path: str) -> None:
         axes[3].plot([j["created"] / 60 for j in jobs], [j["latency"] for j in jobs], ".", ms=3, label=setup)
     axes[3].axhline(opts["slo"], color="k", ls="--", lw=1, label="SLO (p95)")
     load = axes[0].twinx()
-    phase = opts["phase_s"] / 60
-    load.step([0, phase, 2 * phase, 3 * phase], [1, 2, 1, 1], where="post", color="grey", ls=":", lw=1)
+    phase, w = opts["phase_s"] / 60, opts.get("warmup_s", 0.0) / 60
+    load.step([0, w + phase, w + 2 * phase, w + 3 * phase], [1, 2, 1, 1], where="post", color="grey", ls=":", lw=1)
+    for ax in axes:
+        ax.axvspan(0, w, color="grey", alpha=0.1)  # warm-up at 1x, not counted
     load.set_ylabel("offered load (x)")
     axes[0].set_ylabel("sketch replicas")
     axes[1].set_ylabel("render replicas")

@@ -4,7 +4,8 @@
 #   benchmarks/pools_all.sh            (~45 min on the 2-core CPU machine; POOLS_QUICK=1: ~20 min, sizes 8,16)
 #
 # Writes under benchmarks/results/: pools_sim.json (equal GPUs, controller off), pools_sim_slo.json (the same
-# setups' load levels again with the SLO controller on; saturation taken from pools_sim.json), fleets.json
+# setups deployed with the SLO controller on, warmed up, then the 80% level; saturation and the controller's
+# target taken from pools_sim.json), fleets.json
 # (mixed fleets: planner over the cost table, two fleets simulated), load_step.json + load_step.png, REPORT.md.
 # Run it on an otherwise idle machine: the simulated replicas sleep, but the control plane's real CPU is amplified
 # by 1 / time factor in simulated time.

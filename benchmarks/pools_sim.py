@@ -55,13 +55,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "latencies are the job records' (created -> completed), and polling at 4 Hz from 36 clients "
                    "was seen to saturate this 2-core machine's CPU")
     p.add_argument("--saturation-only", action="store_true")
-    p.add_argument("--slo-factor", type=float, default=0.0, help="SR setups: run the load levels with the SLO "
-                   "controller on, its p95 target this x the measured unloaded p50 (0: off)")
+    p.add_argument("--slo-factor", type=float, default=0.0, help="SR setups: deploy with the SLO controller on, "
+                   "its p95 target this x the unloaded p50 of --saturation-from's run (needs it; 0: off)")
     p.add_argument("--floor-steps", type=int, default=10, help="the controller's quality floor, of 50 steps")
     p.add_argument("--saturation-from", default=None, help="take each setup's saturation throughput from this "
                    "earlier output instead of measuring it (e.g. to rerun the load levels with the controller)")
     p.add_argument("--out", default="benchmarks/results/pools_sim.json")
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    if opts.slo_factor and not opts.saturation_from:
+        p.error("--slo-factor needs --saturation-from (the run whose unloaded p50 sets the target)")
+    return opts
 
 
 def planned_pools(gpus: int, gpu: str) -> dict[str, Any]:
@@ -181,11 +184,17 @@ def main(argv: list[str] | None = None) -> int:
             for setup in setups:
                 plan = plans[setup]
                 name = f"{setup}-{gpus}"
+                # With the controller: deployed with it from the start (no rolling update before the load levels),
+                # its target from the earlier run's unloaded p50.
+                before = earlier.get((gpus, setup), {}).get("unloaded", {}).get("latency_sim_s", {}).get("p50")
+                slo = controller(before, opts) if opts.slo_factor and setup != "large-only" and before else None
                 deploy_began = time.monotonic()
-                serve.run(build_app(app_args(setup, model, plan["pools"], work / name, opts.stage_queue)), name=name,
-                          route_prefix=f"/{name}")
+                serve.run(build_app(app_args(setup, model, plan["pools"], work / name, opts.stage_queue, slo)),
+                          name=name, route_prefix=f"/{name}")
                 url, row = f"{base}/{name}", {"gpus": gpus, "setup": setup, "plan": plan,
                                               "deploy_s": time.monotonic() - deploy_began}
+                if slo:
+                    row["slo"] = {**slo, "p95_target_sim_s": slo["p95_target_s"] / tf}
 
                 def phase(spec: LoadSpec, concurrency: int | None = None) -> dict[str, Any]:
                     return measure(replace(spec, poll_s=opts.poll_s), setup, plan["pools"], concurrency)
@@ -195,17 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                 conc = max(4, math.ceil(opts.concurrency_factor * gpus))
                 if earlier:
                     row["saturation"] = {**earlier[(gpus, setup)]["saturation"], "from": opts.saturation_from}
+                    # Not measured: a replica's first requests cost real seconds (hundreds simulated) that the
+                    # saturation phase would otherwise have absorbed before the load levels.
+                    row["warmup"] = sim_stats(phase(LoadSpec(url, body, 2 * gpus, concurrency=conc,
+                                                             time_limit_s=300), conc), tf)
                 else:
                     row["saturation"] = sim_stats(phase(LoadSpec(url, body, 3 * gpus + 2 * conc, concurrency=conc,
                                                                  time_limit_s=300), conc), tf)
                 sat_h = row["saturation"]["throughput_per_sim_hour"]
                 rate = sat_h / 3600 / tf if sat_h else None
-                unloaded = row.get("unloaded", {}).get("latency_sim_s", {}).get("p50")
-                if opts.slo_factor and setup != "large-only" and unloaded:
-                    slo = controller(unloaded, opts)
-                    row["slo"] = {**slo, "p95_target_sim_s": slo["p95_target_s"] / tf}
-                    serve.run(build_app(app_args(setup, model, plan["pools"], work / name, opts.stage_queue, slo)),
-                              name=name, route_prefix=f"/{name}")  # the same pools, now with the controller
                 for level in (float(x) for x in opts.levels.split(",") if not opts.saturation_only):
                     if rate:
                         row[f"load-{level:g}"] = sim_stats(phase(LoadSpec(

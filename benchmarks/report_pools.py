@@ -138,9 +138,12 @@ def load_step(ls: dict[str, Any], out: Path) -> tuple[list[str], list[tuple]]:
     lines = ["### Load step: autoscaling and the SLO-driven switch cap", "",
              f"`benchmarks/load_step.py` ({ls['wall_seconds'] / 60:.0f} min here): "
              f"deployments/sim-wan2.1-h100.yaml at time factor {o['time_factor']:g}, Poisson arrivals at "
-             f"{o['base_rate']:g}/s (1x), then 2x, then 1x, {o['phase_s'] / 60:g} simulated minutes each; SLO p95 "
+             f"{o['base_rate']:g}/s (1x), then 2x, then 1x, {o['phase_s'] / 60:g} simulated minutes each (after "
+             f"{o.get('warmup_s', 0) / 60:g} min of 1x not counted; the replicas report arrival rates over "
+             f"{o.get('stats_window_s', 1200):g} simulated s); SLO p95 "
              f"{o['slo']:g} s. fixed: {o['sketch_fixed']} sketch + {o['render_fixed']} render GPUs; autoscale: the "
-             f"stage-ratio policy from there, sketch at most {o['sketch_max']} GPUs, render {o['render_max']}; "
+             f"stage-ratio policy from there (target utilization {o.get('target_utilization', 0.8):g}), sketch at "
+             f"most {o['sketch_max']} GPUs, render {o['render_max']}; "
              f"autoscale+slo: the same with the switch cap (floor {o['floor_steps']} of 50 steps). Quality: the "
              "worst attribute of srd-tiny's quality table at the switch steps the jobs got (scaled to its 30 "
              "steps), against the uncapped adaptive mean.", "",

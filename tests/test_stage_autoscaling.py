@@ -116,6 +116,18 @@ def test_the_sim_configs_autoscale_sketch_and_render_under_the_policy(name):
     assert args.sketch.autoscaling_config and args.render.autoscaling_config
     assert Path(args.model).name == name.removesuffix(".yaml").replace("sim-wan2.1", "wan2.1-sim")
     assert pool_resources(config)["sketch_pool"] == args.sketch.autoscaling_config["max_replicas"]
+    # Arrival rates over simulated minutes, not the default 60 real s (6000 simulated s at time factor 0.01).
+    assert {args.sketch.stats_window_s, args.render.stats_window_s, args.decode.stats_window_s} == {5.0}
+
+
+def test_a_stage_reports_arrivals_over_its_configured_window(tmp_path):
+    from srserve.serving import stages
+    from srserve.sim.spec import SimSpec, write_sim_checkpoint
+
+    model = str(write_sim_checkpoint(tmp_path / "model", SimSpec(time_factor=TIME_FACTOR)))
+    handle = FakeStoreHandle(SQLiteJobStore(str(tmp_path / "jobs.sqlite")))
+    assert stages.Sketch(model, handle, {"stats_window_s": 7.0}).autoscale_stats.window_s == 7.0
+    assert stages.Render(model, handle, {}).autoscale_stats.window_s == 60.0
 
 
 @pytest.mark.parametrize("edit, says", [

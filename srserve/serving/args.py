@@ -55,6 +55,9 @@ class StageOptions(BaseModel):
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="wait for more requests before a new batch")
     progress_interval_s: float = Field(1.0, ge=0, description="at most one progress report per job this often; "
                                        "a DELETE stops a running stage at the first step boundary after one")
+    stats_window_s: float = Field(60.0, gt=0, description="seconds of request starts behind the arrival rate each "
+                                  "replica reports to the autoscaling policy (simulated pools: scale it with the "
+                                  "time factor)")
     torch_threads: int | None = Field(None, ge=1)
     cpu_affinity: list[int] | None = Field(
         None, description="pin the replicas' processes to these CPU cores (simulated pools on one machine)")

@@ -82,7 +82,7 @@ class StageBase(HandoffProbe):
         self.metrics = metrics or StageMetrics(self.role, self.options.model_name or self.engine.spec.name)
         self._lock = asyncio.Lock()  # encode, decode: one request at a time
         self._queued = self._busy = 0  # encode, decode: waiting for `_lock`, holding it
-        self.autoscale_stats = StageStats()  # what Serve's autoscaling reads from this replica
+        self.autoscale_stats = StageStats(self.options.stats_window_s)  # what Serve's autoscaling reads
         start_gpu_sampler(self.options.pool or "none")  # once per process and pool; a daemon thread
 
     def _begin(self, msg: StageMessage) -> StageMessage:
