@@ -78,6 +78,10 @@ def app_config(work: Path, app: str = "srserve", max_pending_jobs: int = 4,
         "limits": {"max_steps": 400, "max_width": 64, "max_height": 64, "max_frames": 33, "max_prompt_chars": 200},
         "max_pending_jobs": max_pending_jobs, "retry_after_s": 1, "max_retries": 2,
         "watchdog": {"interval_s": 0.5, "lease_s": 3.0, "stage_timeout_s": 120.0, "cancel_grace_s": 2.0},
+        # The SLO controller on, so its gauges (the dashboard's "SLO controller" panels) have data; a 60 s target
+        # that srd-tiny's jobs never threaten, so no job is capped. A tick every 3 s: the projected p95 (NaN after a
+        # tick without creates) stays up for several scrapes.
+        "slo": {"p95_target_s": 60.0, "floor_steps": 10, "min_samples": 2, "interval_s": 3.0, "tick_s": 3.0},
     }
     return {"proxy_location": "HeadOnly",
             "applications": [{"name": app, "route_prefix": "/", "import_path": "srserve.serving:build_app",
