@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13 point 6 in one command: the simulated-pool benchmarks, then REPORT.md ("Simulated pools").
 #
-#   benchmarks/pools_all.sh            (~45 min on the 2-core CPU machine; POOLS_QUICK=1: ~20 min, sizes 8,16)
+#   benchmarks/pools_all.sh            (~60 min on the 2-core CPU machine; POOLS_QUICK=1: ~25 min, sizes 8,16)
 #
 # Writes under benchmarks/results/: pools_sim.json (equal GPUs, controller off), pools_sim_slo.json (the same
 # setups deployed with the SLO controller on, warmed up, then the 80% level; saturation and the controller's
