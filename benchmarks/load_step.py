@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import LoadSpec, run_load  # noqa: E402
-from pools_sim import write_result  # noqa: E402
+from pools_sim import slo_args, write_result  # noqa: E402
 from serving_compare import free_port  # noqa: E402
 from serving_metrics import percentile  # noqa: E402
 
@@ -90,9 +90,7 @@ def app_config(setup: str, opts: argparse.Namespace, model: str, work: Path) -> 
     for stage in ("sketch", "render"):
         args[stage].update(queue)
     if setup == "autoscale+slo":
-        # The controller's clock is real: its target and delays are the simulated ones x the time factor.
-        args["slo"] = {"p95_target_s": opts.slo * tf, "floor_steps": opts.floor_steps, "step": 2,
-                       "interval_s": 60 * tf, "window_s": 600 * tf, "min_samples": 8, "tick_s": min(1.0, 20 * tf)}
+        args["slo"] = slo_args(opts.slo, opts.floor_steps, tf)
     return data
 
 

@@ -125,12 +125,16 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def slo_args(target_sim_s: float, floor_steps: int, tf: float) -> dict[str, Any]:
+    """The SLO controller's args for a p95 target in simulated seconds: its clock is the wall's, so the target and
+    its delays (a move per simulated minute, a 10-minute window) are the simulated ones x the time factor."""
+    return {"p95_target_s": target_sim_s * tf, "floor_steps": floor_steps, "step": 2, "interval_s": 60 * tf,
+            "window_s": 600 * tf, "min_samples": 8, "tick_s": min(1.0, 20 * tf)}
+
+
 def controller(unloaded_p50_sim: float, opts: argparse.Namespace) -> dict[str, Any]:
-    """The SLO controller's args (real seconds: its clock is the wall's) for a target of --slo-factor x the
-    unloaded p50; its delays are the simulated ones x the time factor."""
-    tf = opts.time_factor
-    return {"p95_target_s": opts.slo_factor * unloaded_p50_sim * tf, "floor_steps": opts.floor_steps, "step": 2,
-            "interval_s": 60 * tf, "window_s": 600 * tf, "min_samples": 8, "tick_s": min(1.0, 20 * tf)}
+    """The controller's args for a target of --slo-factor x the unloaded p50."""
+    return slo_args(opts.slo_factor * unloaded_p50_sim, opts.floor_steps, opts.time_factor)
 
 
 def measure(spec: LoadSpec, setup: str, pools: dict[str, int], concurrency: int | None = None) -> dict[str, Any]:

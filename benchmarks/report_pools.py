@@ -140,7 +140,7 @@ def load_step(ls: dict[str, Any], out: Path) -> tuple[list[str], list[tuple]]:
              f"deployments/sim-wan2.1-h100.yaml at time factor {o['time_factor']:g}, Poisson arrivals at "
              f"{o['base_rate']:g}/s (1x), then 2x, then 1x, {o['phase_s'] / 60:g} simulated minutes each (after "
              f"{o.get('warmup_s', 0) / 60:g} min of 1x not counted; the replicas report arrival rates over "
-             f"{o.get('stats_window_s', 1200):g} simulated s); SLO p95 "
+             f"{o.get('stats_window_s', 60 / o['time_factor']):g} simulated s); SLO p95 "
              f"{o['slo']:g} s. fixed: {o['sketch_fixed']} sketch + {o['render_fixed']} render GPUs; autoscale: the "
              f"stage-ratio policy from there (target utilization {o.get('target_utilization', 0.8):g}), sketch at "
              f"most {o['sketch_max']} GPUs, render {o['render_max']}; "

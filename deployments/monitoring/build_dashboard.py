@@ -6,8 +6,8 @@
 Four sections: Overview (request rate, job latency p50/p95/p99, failures and refusals by reason, SLO attainment,
 jobs in flight), Stages (waiting, in flight, batch size, step and stage latency, switch steps, handoffs, prompt
 cache, job store), GPUs (utilisation, memory, power per pool) and Capacity (running vs target replicas per stage,
-from Ray Serve's own series, and the SLO controller's switch cap and p95s). srserve's series are those srserve/serving/metrics.py defines, as Ray exports them
-(`ray_srserve_*`); Ray's are on the allowlist of tests/test_monitoring.py. Variables: `$datasource`, `$cluster`
+from Ray Serve's own series, and the SLO controller's switch cap and p95s). srserve's series are those
+srserve/serving/metrics.py defines, as Ray exports them (`ray_srserve_*`); Ray's are on the allowlist of tests/test_monitoring.py. Variables: `$datasource`, `$cluster`
 (the `ray_io_cluster` label KubeRay's PodMonitors add; absent, and so matched, locally), `$application`,
 `$stage` (multi-value; it also selects Ray Serve's deployments of the same name) and `$slo` (seconds, one of the
 job-latency bucket bounds).
