@@ -21,7 +21,6 @@ from srserve.tiny.domain import (
     sample_scene,
 )
 from srserve.tiny.evaluate import (
-    SceneScore,
     VideoScore,
     main,
     score_video,
@@ -29,6 +28,7 @@ from srserve.tiny.evaluate import (
     validate,
 )
 from srserve.tiny.metrics import augment
+from srserve.tiny.scene import SceneScore
 
 PAIR = SceneSpec("pair", (ObjectSpec("red", "circle", ("right",), 8.0, 14.0, 12.0, 1.5),
                           ObjectSpec("blue", "square", ("up",), 8.0, 52.0, 54.0, 1.3)))

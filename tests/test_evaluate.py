@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from srserve.tiny.domain import COLORS, ClipSpec, render_clip
-from srserve.tiny.evaluate import classify_color, find_object, main, score_video, summarize, validate
+from srserve.tiny.detect import classify_color, find_object
+from srserve.tiny.evaluate import main, score_video, summarize, validate
 from srserve.tiny.metrics import PSNR_CAP_DB, augment, gaussian_blur, largest_component, psnr, ssim
 
 RED_CIRCLE_LEFT = ClipSpec("red", "circle", "left", radius=9.0, start_x=48.0, start_y=30.0, speed=1.5)
