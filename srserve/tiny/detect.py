@@ -39,9 +39,9 @@ class Detection:
 
 
 
-def find_object(frame: np.ndarray) -> Detection | None:
-    """Segment the object in one (H, W, 3) frame: pixels at least half as bright (max over channels) as the
-    frame's brightest 3x3 patch, largest 8-connected component. None if the frame is dark or the blob tiny."""
+def bright_pixels(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """One (H, W, 3) frame as floats, its value (max over channels) and its half-maximum mask: pixels at least
+    half as bright as the frame's brightest 3x3 patch. None if the frame is dark."""
     frame = as_video(np.asarray(frame)[None])[0].astype(np.float64)
     value = frame.max(axis=2)
     h, w = value.shape
@@ -50,7 +50,16 @@ def find_object(frame: np.ndarray) -> Detection | None:
     peak = float(smooth.max())
     if peak < MIN_PEAK:
         return None
-    bright = value >= REL_THRESHOLD * peak
+    return frame, value, value >= REL_THRESHOLD * peak
+
+
+def find_object(frame: np.ndarray) -> Detection | None:
+    """Segment the object in one (H, W, 3) frame: the largest 8-connected component of its half-maximum mask
+    (`bright_pixels`). None if the frame is dark or the blob tiny."""
+    if (seen := bright_pixels(frame)) is None:
+        return None
+    frame, value, bright = seen
+    h, w = value.shape
     if bright.sum() < MIN_AREA * h * w:
         return None
     mask = np.zeros_like(bright)

@@ -12,10 +12,9 @@ from srserve.tiny.detect import (
     MAX_AREA,
     MIN_AREA,
     MIN_DETECTED,
-    MIN_PEAK,
     NEW_TRACK,
-    REL_THRESHOLD,
     Detection,
+    bright_pixels,
     classify_color,
     classify_direction,
     classify_shape,
@@ -26,7 +25,7 @@ from srserve.tiny.detect import (
     measure,
 )
 from srserve.tiny.domain import parse_scene
-from srserve.tiny.metrics import as_video, bbox_window, largest_component, pad2d, psnr, ssim
+from srserve.tiny.metrics import as_video, bbox_window, largest_component, psnr, ssim
 
 
 
@@ -64,15 +63,10 @@ class SceneScore:
 def find_objects(frame: np.ndarray, k: int = 2) -> list[Detection]:
     """Up to k objects in one frame: as `find_object`, the k largest 8-connected components of the half-maximum
     mask that have an object's area (largest first)."""
-    frame = as_video(np.asarray(frame)[None])[0].astype(np.float64)
-    value = frame.max(axis=2)
-    h, w = value.shape
-    padded = pad2d(value, 1)
-    smooth = sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
-    peak = float(smooth.max())
-    if peak < MIN_PEAK:
+    if (seen := bright_pixels(frame)) is None:
         return []
-    remaining = value >= REL_THRESHOLD * peak
+    frame, value, remaining = seen
+    h, w = value.shape
     dets: list[Detection] = []
     for _ in range(k):
         if remaining.sum() < MIN_AREA * h * w:
