@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -24,30 +23,10 @@ from srserve.serving import admission
 from srserve.serving.job_record import (  # noqa: F401  (the record's API, re-exported)
     TERMINAL, JobRecord, StageRecord, Status, apply_events, erase_prompt, finished, reason, short_message,
     stage_progress, started)
+from srserve.serving.job_table import ACTIVE_SQL, BOOLS, NAMES, SELECT, TERMINAL_SQL, WATCHED, open_table, row_record
 
 logger = logging.getLogger("ray.serve")
-ACTIVE_SQL = "status IN ('queued', 'in_progress')"
-TERMINAL_SQL = "status IN ('completed', 'failed', 'cancelled')"
 T = TypeVar("T")
-
-
-# Record fields kept in their own columns (the column is the truth; the JSON copy may be older).
-COLUMNS = {"status": "TEXT NOT NULL", "deleted": "INTEGER NOT NULL DEFAULT 0",
-           "lease_until": "REAL NOT NULL DEFAULT 0", "owner": "TEXT", "attempt": "INTEGER NOT NULL DEFAULT 0",
-           "stage": "TEXT", "stage_started_at": "REAL", "stage_replica": "TEXT", "heartbeat_at": "REAL",
-           "step": "INTEGER NOT NULL DEFAULT 0", "num_steps": "INTEGER NOT NULL DEFAULT 0",
-           "progress": "INTEGER NOT NULL DEFAULT 0", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
-           "created_at": "REAL NOT NULL DEFAULT 0", "tenant": "TEXT NOT NULL DEFAULT 'anonymous'",
-           "cost": "REAL NOT NULL DEFAULT 0", "expires_at": "REAL"}
-# What a record written before a column existed gets in it when its JSON has no such field.
-_DEFAULTS = {"attempt": 0, "step": 0, "num_steps": 0, "progress": 0, "created_at": 0, "lease_until": 0,
-             "tenant": "anonymous", "cost": 0.0}
-_NAMES = tuple(COLUMNS)
-_SELECT = "SELECT data, " + ", ".join(_NAMES) + " FROM jobs"
-_BOOLS = ("deleted", "cancel_requested")
-# What a driver's watchdog reads of each job it drives, every round.
-WATCHED = ("id", "status", "stage", "stage_started_at", "stage_replica", "heartbeat_at", "created_at", "owner",
-           "cancel_requested", "deleted", "attempt", "progress")
 
 
 class Keep:
@@ -55,14 +34,6 @@ class Keep:
 
     def __init__(self, value: Any) -> None:
         self.value = value
-
-
-def _row(row: tuple) -> dict[str, Any]:
-    data = json.loads(row[0])
-    data.update(zip(_NAMES, row[1:]))
-    for name in _BOOLS:
-        data[name] = bool(data[name])
-    return data
 
 
 def _logged(job_id: str, text: str) -> str:
@@ -75,44 +46,18 @@ def _logged(job_id: str, text: str) -> str:
 
 class SQLiteJobStore:
     def __init__(self, path: str) -> None:
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(Path(path).expanduser()), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                         "id TEXT UNIQUE NOT NULL, data TEXT NOT NULL, "
-                         + ", ".join(f"{n} {t}" for n, t in COLUMNS.items()) + ")")
-        self._migrate()
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status, lease_until)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, seq)")  # list, per key
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at)")  # quotas
-
-    def _migrate(self) -> None:
-        """Stores written before the hot fields had columns: add them, filled from each record's JSON."""
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        missing = [n for n in _NAMES if n not in have]
-        if not missing:
-            return
-        for name in missing:
-            kind = COLUMNS[name].replace("NOT NULL ", "")
-            self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
-        for job_id, data in self._db.execute("SELECT id, data FROM jobs").fetchall():
-            record = json.loads(data)
-            values = [int(bool(record.get(n))) if n in _BOOLS else record.get(n, _DEFAULTS.get(n))
-                      for n in missing]
-            self._db.execute(f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in missing)} WHERE id = ?",
-                             (*values, job_id))
+        self._db = open_table(Path(path).expanduser())
 
     # --- plumbing -----------------------------------------------------------------------------------------
     def _load(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
-        return JobRecord.model_validate(_row(row)) if row else None
+        row = self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord.model_validate(row_record(row)) if row else None
 
     def _save(self, job: JobRecord) -> None:
         job.updated_at = time.time()
-        values = [int(getattr(job, n)) if n in _BOOLS else getattr(job, n) for n in _NAMES]
-        self._db.execute(f"UPDATE jobs SET data = ?, {', '.join(f'{n} = ?' for n in _NAMES)} WHERE id = ?",
+        values = [int(getattr(job, n)) if n in BOOLS else getattr(job, n) for n in NAMES]
+        self._db.execute(f"UPDATE jobs SET data = ?, {', '.join(f'{n} = ?' for n in NAMES)} WHERE id = ?",
                          (job.model_dump_json(), *values, job.id))
 
     def _edit(self, job_id: str, change: Callable[[JobRecord], T], attempt: int | None = None,
@@ -137,8 +82,8 @@ class SQLiteJobStore:
 
     def get(self, job_id: str, include_deleted: bool = False) -> dict[str, Any] | None:
         with self._lock:
-            row = self._db.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
-        job = _row(row) if row else None
+            row = self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
+        job = row_record(row) if row else None
         return None if job is None or (job["deleted"] and not include_deleted) else job
 
     def list(self, after: str | None = None, limit: int = 20, order: str = "desc",
@@ -153,9 +98,9 @@ class SQLiteJobStore:
                 row = self._db.execute(f"SELECT seq FROM jobs WHERE id = ?{owned}", (after, *params)).fetchone()
                 if row is not None:
                     where, params = f"{mine} AND seq {op} ?", [*params, row[0]]
-            rows = self._db.execute(f"{_SELECT} WHERE {where} ORDER BY seq {direction} LIMIT ?",
+            rows = self._db.execute(f"{SELECT} WHERE {where} ORDER BY seq {direction} LIMIT ?",
                                     (*params, limit + 1)).fetchall()
-        return [_row(r) for r in rows[:limit]], len(rows) > limit
+        return [row_record(r) for r in rows[:limit]], len(rows) > limit
 
     # --- the driver's side --------------------------------------------------------------------------------
     def create(self, job: dict[str, Any], max_active: int | None = None, begin_lease_s: float | None = None,
@@ -170,7 +115,7 @@ class SQLiteJobStore:
         record.updated_at = time.time()
         if begin_lease_s is not None:
             record.attempt, record.lease_until = 1, record.updated_at + begin_lease_s
-        values = [int(getattr(record, n)) if n in _BOOLS else getattr(record, n) for n in _NAMES]
+        values = [int(getattr(record, n)) if n in BOOLS else getattr(record, n) for n in NAMES]
         projected: dict[str, float] = {}
         with self._lock:
             if max_active is not None and \
@@ -179,7 +124,7 @@ class SQLiteJobStore:
             refusal = self._admit(record, quota, deadline, projected) if quota or deadline else None
             if refusal is not None:
                 return {"refused": refusal.as_dict(), **projected}
-            self._db.execute(f"INSERT INTO jobs (id, data, {', '.join(_NAMES)}) VALUES (?, ?{', ?' * len(_NAMES)})",
+            self._db.execute(f"INSERT INTO jobs (id, data, {', '.join(NAMES)}) VALUES (?, ?{', ?' * len(NAMES)})",
                              (record.id, record.model_dump_json(), *values))
         return {**record.model_dump(), **projected}
 
@@ -228,7 +173,7 @@ class SQLiteJobStore:
         out = {}
         for row in rows:
             job = dict(zip(WATCHED, row))
-            for name in _BOOLS:
+            for name in BOOLS:
                 job[name] = bool(job[name])
             out[job["id"]] = job
         return out
