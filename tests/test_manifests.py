@@ -11,7 +11,6 @@ and PodMonitors scrape Ray's metrics ports (the dashboard itself: test_monitorin
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import subprocess
@@ -21,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 from kustomize_render import by_key, kustomization, render
+from rayservice import (advertised_resources, app_args, containers, demand, placement, ray_groups,
+                        read_rayservice, replica_bounds, serve_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -89,38 +90,14 @@ def test_render_agrees_with_kubectl_kustomize(directory: Path) -> None:
 
 # --- the RayService ----------------------------------------------------------------------------------------------
 
-def _rayservice(directory: Path) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
-    docs = by_key(render(directory))
-    services = [d for (kind, _), d in docs.items() if kind == "RayService"]
-    assert len(services) == 1, f"{directory}: expected one RayService"
-    assert services[0]["apiVersion"] == "ray.io/v1"
-    return services[0], docs
-
-
-def _serve_config(service: dict[str, Any]) -> dict[str, Any]:
-    config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    assert isinstance(config, dict)
-    return config
-
-
-def _app_args(service: dict[str, Any]):
-    from srserve.serving.args import AppArgs
-
-    (app,) = _serve_config(service)["applications"]
-    assert app["import_path"] == "srserve.serving:build_app"
-    args = AppArgs.model_validate(app.get("args") or {})
-    assert args.mode == "disaggregated", "the KubeRay layouts put the stages on separate pools"
-    return args
-
-
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_serve_config_is_valid_for_ray_serve_and_appargs(directory: Path) -> None:
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
-    service, _ = _rayservice(directory)
-    config = _serve_config(service)
+    service, _ = read_rayservice(directory)
+    config = serve_config(service)
     ServeDeploySchema.model_validate(config)
-    args = _app_args(service)
+    args = app_args(service)
     # What build_app hands to Serve for each deployment must be valid Serve deployment options (this also
     # validates each autoscaling_config with Ray's AutoscalingConfig).
     for name, options in args.stages().items():
@@ -129,88 +106,12 @@ def test_serve_config_is_valid_for_ray_serve_and_appargs(directory: Path) -> Non
     assert config["http_options"]["port"] == 8000
 
 
-def _containers(template: dict[str, Any]) -> list[dict[str, Any]]:
-    return template["spec"]["containers"]
-
-
-def _groups(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    cluster = service["spec"]["rayClusterConfig"]
-    groups = {"head": cluster["headGroupSpec"]}
-    for group in cluster["workerGroupSpecs"]:
-        assert group["groupName"] not in groups
-        groups[group["groupName"]] = group
-    return groups
-
-
-def _advertised(group: dict[str, Any], is_head: bool) -> dict[str, float]:
-    """A group's per-pod Ray resources, read the way the Ray autoscaler reads them (and by its own parser)."""
-    params = group["rayStartParams"]
-    resources: dict[str, float] = {}
-    assert "num-cpus" in params, "set num-cpus explicitly: it decides where CPU-asking replicas go"
-    resources["CPU"] = float(params["num-cpus"])
-    limits = _containers(group["template"])[0].get("resources", {}).get("limits", {})
-    gpus = params.get("num-gpus", limits.get("nvidia.com/gpu", "0"))
-    resources["GPU"] = float(gpus)
-    if "resources" in params:
-        raw = params["resources"]
-        # KubeRay passes it to `ray start --resources=<raw>` through a shell; the Ray autoscaler strips one pair
-        # of quotes and the backslashes, then wants a JSON object of integers.
-        assert raw.startswith('"') and raw.endswith('"'), f"resources must be written '\"{{...}}\"', got {raw!r}"
-        custom = json.loads(raw[1:-1].replace("\\", ""))
-        assert all(isinstance(v, int) for v in custom.values()), f"custom resources must be integers: {custom}"
-        resources.update({k: float(v) for k, v in custom.items()})
-    try:
-        from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
-    except ImportError:  # Ray moved its private parser: our reading above still stands
-        return resources
-    theirs = _get_ray_resources_from_group_spec(group, is_head)
-    for key, value in resources.items():
-        assert float(theirs.get(key, 0)) == value, f"the Ray autoscaler reads {key}={theirs.get(key)}, not {value}"
-    return resources
-
-
-def _fits(demand: dict[str, float], capacity: dict[str, float]) -> bool:
-    return all(capacity.get(k, 0.0) + 1e-9 >= v for k, v in demand.items() if v > 0)
-
-
-def _demand(options: Any) -> dict[str, float]:
-    return {"CPU": options.num_cpus, "GPU": options.num_gpus, **options.resources_needed()}
-
-
-def _replica_bounds(options: Any) -> tuple[int, int]:
-    if options.autoscaling_config is not None:
-        from ray.serve.config import AutoscalingConfig
-
-        config = AutoscalingConfig(**options.autoscaling_config)
-        return config.min_replicas, config.max_replicas
-    return options.num_replicas, options.num_replicas
-
-
-def _placement(service: dict[str, Any]) -> dict[str, str]:
-    """stage -> the group its replicas must run on (exactly one group may fit each)."""
-    args = _app_args(service)
-    groups = _groups(service)
-    capacity = {name: _advertised(group, name == "head") for name, group in groups.items()}
-    placed = {}
-    for stage, options in args.stages().items():
-        fitting = [name for name, cap in capacity.items() if _fits(_demand(options), cap)]
-        assert len(fitting) == 1, f"{stage} ({_demand(options)}) fits on {fitting or 'no group'}; want exactly one"
-        placed[stage] = fitting[0]
-    ingress = [n for n, cap in capacity.items() if _fits({"CPU": args.ingress.num_cpus}, cap)]
-    assert args.ingress.num_cpus > 0 and ingress == ["head"], \
-        f"the Ingress must ask for CPU so that it lands on the head only (fits on {ingress})"
-    store = {"CPU": args.job_store_num_cpus, **args.job_store_resources}
-    assert [n for n, cap in capacity.items() if _fits(store, cap)] == ["head"], "the JobStore must be pinned"
-    placed["ingress"] = placed["jobstore"] = "head"
-    return placed
-
-
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_worker_groups_advertise_the_pools_the_args_reference(directory: Path) -> None:
-    service, _ = _rayservice(directory)
-    args = _app_args(service)
-    groups = _groups(service)
-    advertised = {name: _advertised(group, name == "head") for name, group in groups.items()}
+    service, _ = read_rayservice(directory)
+    args = app_args(service)
+    groups = ray_groups(service)
+    advertised = {name: advertised_resources(group, name == "head") for name, group in groups.items()}
     referenced = {options.pool for options in args.stages().values() if options.pool}
     assert referenced, "no stage names a pool"
     for pool in referenced:
@@ -221,32 +122,32 @@ def test_worker_groups_advertise_the_pools_the_args_reference(directory: Path) -
         if name != "head":
             assert custom and custom <= referenced, f"group {name} advertises {custom}, args reference {referenced}"
             assert cap["CPU"] == 0, f"group {name}: num-cpus must be 0 (CPU-asking replicas belong on the head)"
-    placed = _placement(service)
+    placed = placement(service)
     assert {placed["sketch"], placed["render"]} == {"sketch", "render"}
 
 
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_pod_counts_match_the_serve_autoscaling_bounds(directory: Path) -> None:
-    service, _ = _rayservice(directory)
-    args = _app_args(service)
+    service, _ = read_rayservice(directory)
+    args = app_args(service)
     cluster = service["spec"]["rayClusterConfig"]
-    groups = _groups(service)
-    placed = _placement(service)
+    groups = ray_groups(service)
+    placed = placement(service)
     autoscaled = any(o.autoscaling_config for o in args.stages().values())
     assert cluster.get("enableInTreeAutoscaling", False) == autoscaled, \
         "Serve autoscaling needs the Ray autoscaler to add pods (and without it, fixed replica counts)"
     for name, group in groups.items():
         if name == "head":
             continue
-        capacity = _advertised(group, False)
+        capacity = advertised_resources(group, False)
         stages = [s for s, g in placed.items() if g == name and s in args.stages()]
         assert stages, f"group {name} hosts no stage"
         for bound, field in ((0, "minReplicas"), (1, "maxReplicas")):
             need: dict[str, float] = {}
             for stage in stages:
                 options = args.stages()[stage]
-                count = _replica_bounds(options)[bound]
-                for key, amount in _demand(options).items():
+                count = replica_bounds(options)[bound]
+                for key, amount in demand(options).items():
                     need[key] = need.get(key, 0.0) + amount * count
             pods = max(math.ceil(need[k] / capacity[k] - 1e-9) for k in need if need[k] > 0 and k != "CPU")
             assert group[field] == pods, f"{name}.{field} is {group[field]}; {stages} need {need}: {pods} pods"
@@ -265,14 +166,14 @@ def _drain_deadline(container: dict[str, Any]) -> int:
 
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_graceful_shutdown_lets_a_video_finish(directory: Path) -> None:
-    service, docs = _rayservice(directory)
-    args = _app_args(service)
-    placed = _placement(service)
-    for name, group in _groups(service).items():
+    service, docs = read_rayservice(directory)
+    args = app_args(service)
+    placed = placement(service)
+    for name, group in ray_groups(service).items():
         if name == "head":
             continue
         spec = group["template"]["spec"]
-        (container,) = _containers(group["template"])
+        (container,) = containers(group["template"])
         longest = max(args.stages()[s].graceful_shutdown_timeout_s for s, g in placed.items()
                       if g == name and s in args.stages())
         deadline = _drain_deadline(container)
@@ -286,17 +187,17 @@ def test_graceful_shutdown_lets_a_video_finish(directory: Path) -> None:
 
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_probes_ports_and_service(directory: Path) -> None:
-    service, _ = _rayservice(directory)
-    port = _serve_config(service)["http_options"]["port"]
-    groups = _groups(service)
-    (head,) = _containers(groups["head"]["template"])
+    service, _ = read_rayservice(directory)
+    port = serve_config(service)["http_options"]["port"]
+    groups = ray_groups(service)
+    (head,) = containers(groups["head"]["template"])
     # KubeRay submits serveConfigV2 only to a Ready head: an app-level readiness probe there would never pass.
     assert "readinessProbe" not in head
     assert {p["name"]: p["containerPort"] for p in head["ports"]}["serve"] == port
     for name, group in groups.items():
         if name == "head":
             continue
-        (container,) = _containers(group["template"])
+        (container,) = containers(group["template"])
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
         assert group["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "srserve"
     assert service["spec"]["serveService"]["spec"]["ports"] == [{"name": "serve", "port": port}]
@@ -308,7 +209,7 @@ def _mounts(group: dict[str, Any], docs: dict) -> list[tuple[str, bool, str | No
     spec = group["template"]["spec"]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     out = []
-    for mount in _containers(group["template"])[0].get("volumeMounts", []):
+    for mount in containers(group["template"])[0].get("volumeMounts", []):
         claim = volumes[mount["name"]].get("persistentVolumeClaim")
         mode = None
         if claim:
@@ -326,10 +227,10 @@ def _mounted(path: str, mounts: list[tuple[str, bool, str | None]]) -> tuple[str
 
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_paths_in_the_args_are_on_the_right_volumes(directory: Path) -> None:
-    service, docs = _rayservice(directory)
-    args = _app_args(service)
-    groups = _groups(service)
-    placed = _placement(service)
+    service, docs = read_rayservice(directory)
+    args = app_args(service)
+    groups = ray_groups(service)
+    placed = placement(service)
     mounts = {name: _mounts(group, docs) for name, group in groups.items()}
 
     store = _mounted(args.job_store_path, mounts["head"])
@@ -348,7 +249,7 @@ def test_paths_in_the_args_are_on_the_right_volumes(directory: Path) -> None:
     assert args.auth is not None, "a cluster deployment must require API keys"
     spec = groups["head"]["template"]["spec"]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
-    keys = [m for m in _containers(groups["head"]["template"])[0].get("volumeMounts", [])
+    keys = [m for m in containers(groups["head"]["template"])[0].get("volumeMounts", [])
             if PurePosixPath(args.auth.api_keys_file).is_relative_to(m["mountPath"])]
     assert len(keys) == 1 and keys[0].get("readOnly") and "secret" in volumes[keys[0]["name"]], \
         f"{args.auth.api_keys_file} must be on a read-only Secret volume of the head"
@@ -366,8 +267,8 @@ def test_paths_in_the_args_are_on_the_right_volumes(directory: Path) -> None:
 
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_network_policies_expose_only_the_serve_port(directory: Path) -> None:
-    service, docs = _rayservice(directory)
-    port = _serve_config(service)["http_options"]["port"]
+    service, docs = read_rayservice(directory)
+    port = serve_config(service)["http_options"]["port"]
     policies = [d for (kind, _), d in docs.items() if kind == "NetworkPolicy"]
     assert policies
     open_ports: set[int] = set()
@@ -395,9 +296,9 @@ def test_podmonitors_scrape_the_ray_metrics_ports() -> None:
     assert monitors, "no PodMonitor"
     ports = {e["port"] for m in monitors.values() for e in m["spec"]["podMetricsEndpoints"]}
     assert "metrics" in ports
-    service, _ = _rayservice(K8S / "base")
-    for name, group in _groups(service).items():
-        names = {p["name"]: p["containerPort"] for p in _containers(group["template"])[0]["ports"]}
+    service, _ = read_rayservice(K8S / "base")
+    for name, group in ray_groups(service).items():
+        names = {p["name"]: p["containerPort"] for p in containers(group["template"])[0]["ports"]}
         assert names["metrics"] == 8080, f"{name}: Ray's metrics port"
         for monitor in monitors.values():
             selector = monitor["spec"]["selector"]["matchLabels"]
