@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_manifests import K8S, RAYSERVICE_TARGETS, _app_args, _groups, _ids, _rayservice, _serve_config
+from rayservice import app_args, ray_groups, read_rayservice, serve_config
+from test_manifests import K8S, RAYSERVICE_TARGETS, _ids
 
 from srserve.control.autoscale import STAGES, StageRatioPolicy, deployment_autoscaling_config
 
@@ -25,7 +26,7 @@ SERVE_FACTORS = ("upscaling_factor", "downscaling_factor", "smoothing_factor", "
 
 
 def _app(service: dict[str, Any]) -> dict[str, Any]:
-    (app,) = _serve_config(service)["applications"]
+    (app,) = serve_config(service)["applications"]
     return app
 
 
@@ -49,8 +50,8 @@ def _policy(service: dict[str, Any]) -> tuple[StageRatioPolicy, dict[str, Any]]:
 
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_autoscaled_layouts_use_the_stage_ratio_policy(directory: Path) -> None:
-    service, _ = _rayservice(directory)
-    app, args = _app(service), _app_args(service)
+    service, _ = read_rayservice(directory)
+    app, args = _app(service), app_args(service)
     if directory in POLICY_TARGETS:
         assert _autoscaled(args), f"{directory}: the GPU layouts autoscale their stages"
     if _autoscaled(args):
@@ -66,12 +67,12 @@ def test_the_policy_is_what_serve_imports_and_constructs(directory: Path) -> Non
     from ray.serve.config import AutoscalingPolicy
     from ray.serve.schema import ServeDeploySchema
 
-    service, _ = _rayservice(directory)
+    service, _ = read_rayservice(directory)
     _, kwargs = _policy(service)
     # Serve's schema keeps the application's autoscaling_policy as a plain dict (test_manifests.py validates the
     # whole config); what Serve then does with it: import the path and cloudpickle the class (AutoscalingPolicy),
     # check the kwargs are JSON, and instantiate the class once with them (_resolve_policy_callable).
-    (app,) = ServeDeploySchema.model_validate(_serve_config(service)).applications
+    (app,) = ServeDeploySchema.model_validate(serve_config(service)).applications
     spec = app.autoscaling_policy
     assert spec == _app(service)["autoscaling_policy"]
     serve_policy = AutoscalingPolicy(**spec)
@@ -85,8 +86,8 @@ def test_the_policy_is_what_serve_imports_and_constructs(directory: Path) -> Non
 
 @pytest.mark.parametrize("directory", POLICY_TARGETS, ids=_ids(POLICY_TARGETS))
 def test_policy_kwargs_fit_the_app(directory: Path) -> None:
-    service, _ = _rayservice(directory)
-    args = _app_args(service)
+    service, _ = read_rayservice(directory)
+    args = app_args(service)
     policy, kwargs = _policy(service)
     names = _deployment_names(args)
     if "deployments" in kwargs:
@@ -110,8 +111,8 @@ def test_policy_kwargs_fit_the_app(directory: Path) -> None:
 def test_stage_autoscaling_configs_leave_the_delays_to_the_policy(directory: Path) -> None:
     from ray.serve.config import AutoscalingConfig
 
-    service, _ = _rayservice(directory)
-    for stage, raw in _autoscaled(_app_args(service)).items():
+    service, _ = read_rayservice(directory)
+    for stage, raw in _autoscaled(app_args(service)).items():
         assert "initial_replicas" in raw, f"{stage}: say where it starts"
         assert raw["min_replicas"] <= raw["initial_replicas"] <= raw["max_replicas"], stage
         expected = deployment_autoscaling_config(
@@ -135,8 +136,8 @@ def test_serve_applies_the_policys_decision_without_delays_of_its_own(directory:
     from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-    service, _ = _rayservice(directory)
-    args = _app_args(service)
+    service, _ = read_rayservice(directory)
+    args = app_args(service)
     policy, _ = _policy(service)
     wrapped = _apply_app_level_autoscaling_config(policy)
     names = _deployment_names(args)
@@ -171,9 +172,9 @@ def test_serve_applies_the_policys_decision_without_delays_of_its_own(directory:
 
 @pytest.mark.parametrize("directory", RAYSERVICE_TARGETS, ids=_ids(RAYSERVICE_TARGETS))
 def test_the_ray_autoscaler_follows_the_policy(directory: Path) -> None:
-    service, _ = _rayservice(directory)
+    service, _ = read_rayservice(directory)
     cluster = service["spec"]["rayClusterConfig"]
-    workers = {name: g for name, g in _groups(service).items() if name != "head"}
+    workers = {name: g for name, g in ray_groups(service).items() if name != "head"}
     grows = [name for name, g in workers.items() if g["maxReplicas"] > g["minReplicas"]]
     if not grows:
         return  # cpu-demo: fixed groups (checked above to run without the autoscaler)
@@ -202,7 +203,7 @@ def test_the_ray_autoscaler_follows_the_policy(directory: Path) -> None:
 
 def test_a_bad_policy_kwarg_fails() -> None:
     """The checks above catch a misspelt or ill-valued knob: StageRatioPolicy refuses it."""
-    service, _ = _rayservice(GPU_OVERLAYS[0])
+    service, _ = read_rayservice(GPU_OVERLAYS[0])
     _, kwargs = _policy(service)
     with pytest.raises(TypeError):
         StageRatioPolicy(**{**kwargs, "downscale_delay": 300})
@@ -217,5 +218,5 @@ def test_srserve_serve_would_accept_the_policy_as_configured(directory: Path) ->
     """The checks `srserve serve` makes before Ray starts (runner.check_autoscaling) hold for the rendered config."""
     from srserve.serving.runner import check_autoscaling
 
-    service, _ = _rayservice(directory)
-    assert check_autoscaling(_serve_config(service)) is None
+    service, _ = read_rayservice(directory)
+    assert check_autoscaling(serve_config(service)) is None
