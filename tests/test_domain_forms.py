@@ -86,6 +86,7 @@ def test_sampled_scenes_are_valid(form):
             assert a.color != b.color
             gap = np.linalg.norm(centers[:, 0] - centers[:, 1], axis=1).min() - a.bound - b.bound
             assert gap >= PAIR_GAP
+            assert a.start_x < b.start_x  # reading order: the first-named object starts on the left
         else:
             (obj,) = spec.objects
             d1, d2 = obj.directions

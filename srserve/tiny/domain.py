@@ -276,7 +276,7 @@ def _place(rng: np.random.Generator, obj: ObjectSpec, num_frames: int, size: int
 def sample_scene(rng: np.random.Generator, form: str = "core", num_frames: int = DEFAULT_FRAMES,
                  size: int = DEFAULT_SIZE, prompt: str | None = None) -> SceneSpec:
     """A random valid clip of one form (or of the given prompt): every object inside the frame in every frame and,
-    for `pair`, the two objects at least PAIR_GAP pixels apart in every frame and the first-named one starting to the left
+    for `pair`, the two objects at least PAIR_GAP pixels apart in every frame and the first-named one starting left
     of the second. `core` draws as `sample_spec`."""
     if prompt is not None:
         form, objs = parse_scene(prompt)
