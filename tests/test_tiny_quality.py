@@ -5,6 +5,7 @@ same VAE and text encoder, untrained transformers): the test can tell a model th
 """
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -68,3 +69,32 @@ def test_trained_bundle_passes_the_quality_smoke(switch):
 def test_random_weight_copy_fails_the_quality_smoke(random_copy):
     summary = smoke_accuracy(random_copy, "none")
     assert min(summary["color_acc"], summary["shape_acc"], summary["motion_acc"]) < MIN_ACCURACY, summary
+
+
+def test_quality_command_writes_one_table_per_form(tmp_path):
+    from srserve.tiny import quality
+
+    doc, out = tmp_path / "doc.md", tmp_path / "q.json"
+    doc.write_text("# intro\n")
+    argv = ["--videos", "2", "--steps", "4", "--policies", "none,small-only", "--form", "core,then",
+            "--out-json", str(out), "--doc", str(doc), "--threads", "1"]
+    for _ in range(2):  # the second run replaces both blocks
+        assert quality.main(argv) == 0
+    text = doc.read_text()
+    for form in ("core", "then"):
+        start, end = quality.form_marks(form)
+        assert text.count(start) == 1 and text.count(end) == 1
+        block = text[text.index(start):text.index(end)]
+        assert f"of the `{form}` form" in block and "| `small-only` |" in block
+        result = json.loads(quality.form_path(out, form).read_text())
+        assert result["form"] == form and [r["policy"] for r in result["rows"]] == ["none", "small-only"]
+    assert quality.form_path(out, "then").name == "q-then.json" and text.startswith("# intro\n")
+
+
+@pytest.mark.parametrize("form", ["pairs", "core,core", ""])
+def test_quality_command_rejects_unknown_forms(form, capsys):
+    from srserve.tiny import quality
+
+    with pytest.raises(SystemExit):
+        quality.main(["--form", form, "--videos", "1"])
+    assert "--form" in capsys.readouterr().err

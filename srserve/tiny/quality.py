@@ -1,6 +1,7 @@
 """The srd-tiny quality table: every switch policy on held-out prompt x seed pairs, scored by the evaluator.
 
     srserve tiny quality --videos 72 --out-json benchmarks/results/quality.json --doc docs/srd-tiny.md
+    srserve tiny quality --form core,pair,then ...   (one table per form, each in its own block of the doc)
 
 Each pair is generated once per policy from the same seed; the prompt embeddings are computed once per prompt
 (they are the same for every policy). Wall time per video covers denoising and decoding, measured one request at
@@ -26,6 +27,18 @@ from srserve.tiny.evaluate import score_video, summarize
 HELD_OUT_SEED_BASE = 1_000_000
 CALIBRATION_SEED_BASE = 2_000_000
 MARK_START, MARK_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
+
+
+def form_marks(form: str) -> tuple[str, str]:
+    """The doc block of one form's table (the core form keeps the block it always had)."""
+    if form == "core":
+        return MARK_START, MARK_END
+    return f"<!-- quality-table:{form}:start -->", f"<!-- quality-table:{form}:end -->"
+
+
+def form_path(path: Path, form: str) -> Path:
+    """Where a per-form output goes: `path` for the core form, `stem-FORM.suffix` beside it for the others."""
+    return path if form == "core" else path.with_name(f"{path.stem}-{form}{path.suffix}")
 
 
 def default_policies(steps: int, default_switch: str = "adaptive") -> list[str]:
@@ -144,7 +157,8 @@ def run_table(model: str | None, count: int, steps: int | None, policies: list[s
     for r in table:
         r["speedup_vs_none"] = base / r["seconds"]["median"]
     return {"model": spec.name, "form": form, "videos": count, "steps": steps, "workers": workers,
-            "torch_threads": threads or torch.get_num_threads(), "seed_base": seed_base, "rows": table}
+            "torch_threads": threads or torch.get_num_threads(), "seed_base": seed_base,
+            "sample_prompts": [pairs[i][1] for i in SAMPLE_PAIRS if i < len(pairs)], "rows": table}
 
 
 def markdown(result: dict) -> str:
@@ -196,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED_BASE,
                         help=f"first generation seed; {CALIBRATION_SEED_BASE:,} is the calibration split on which "
                              "the bundle's defaults are chosen")
-    parser.add_argument("--form", choices=FORMS, default="core", help="prompt form of the pairs")
+    parser.add_argument("--form", default="core",
+                        help=f"prompt form(s) of the pairs, comma-separated, of {', '.join(FORMS)}; each gets its own "
+                             "table, JSON (-FORM suffix unless core), samples PNG and doc block")
     parser.add_argument("--workers", type=int, default=1, help="processes (each --threads threads), pairs split")
     parser.add_argument("--out-json", default="benchmarks/results/quality.json")
     parser.add_argument("--samples", type=Path, default=None,
@@ -205,12 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    result = run_table(args.model, args.videos, args.steps, args.policies.split(",") if args.policies else None,
-                       args.seed_base, args.samples, args.form, args.workers, args.threads)
-    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    print(table)
-    if args.doc:
-        write_doc(Path(args.doc), table, "srserve tiny quality " + " ".join(argv or []))
+    forms = args.form.split(",")
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown or len(set(forms)) != len(forms):
+        parser.error(f"--form: {args.form!r}: give distinct forms of {', '.join(FORMS)}")
+    for form in forms:
+        result = run_table(args.model, args.videos, args.steps,
+                           args.policies.split(",") if args.policies else None, args.seed_base,
+                           form_path(args.samples, form) if args.samples else None, form, args.workers, args.threads)
+        out_json = form_path(Path(args.out_json), form)
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(result, indent=2) + "\n")
+        table = markdown(result)
+        print(table)
+        if args.doc:
+            write_doc(Path(args.doc), table, "srserve tiny quality " + " ".join(argv or []), form_marks(form),
+                      "Quality table" if form == "core" else f"Quality table: the {form} form")
     return 0
