@@ -17,10 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from fakes import MemoryVideoService
 from srserve.api.auth import KeyRing
-from srserve.api.protocol import (
-    ApiError, ModelCard, RequestLimits, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
-)
+from srserve.api.protocol import ModelCard, RequestLimits, VideoCreateBody
 from srserve.api.routes import create_app
 
 MODEL = ModelCard(name="tiny", fps=8, default_num_frames=9, default_height=32, default_width=32, default_steps=8)
@@ -34,46 +33,8 @@ ROUTES = [("GET", "/v1/models"), ("POST", "/v1/videos"), ("GET", "/v1/videos"), 
           ("DELETE", "/v1/videos/video_0"), ("GET", "/v1/videos/video_0/content"), ("GET", "/v1/jobs/video_0")]
 
 
-class MemoryService:
-    """Videos in a dict, created through the real validation."""
-
-    def __init__(self) -> None:
-        self.videos: dict[str, Video] = {}
-
-    async def create(self, body, caller):
-        resolved = resolve_create(body, MODEL, LIMITS)
-        video = Video(id=f"video_{len(self.videos)}", created_at=1, model=resolved.model, progress=0,
-                      seconds=resolved.seconds, size=resolved.size, status="queued", prompt=body.prompt)
-        self.videos[video.id] = video
-        return video
-
-    async def retrieve(self, video_id, caller):
-        if video_id not in self.videos:
-            raise ApiError(404, "video_id: no such video", param="video_id", code="not_found")
-        return self.videos[video_id]
-
-    async def list(self, after, limit, order, caller):
-        return VideoList(data=list(self.videos.values())[:limit])
-
-    async def delete(self, video_id, caller):
-        await self.retrieve(video_id, caller)
-        return VideoDeleted(id=video_id)
-
-    async def content(self, video_id, variant, caller):
-        await self.retrieve(video_id, caller)
-        raise ApiError(409, "video_id: not completed", param="video_id", code="video_not_ready")
-
-    async def job(self, video_id, caller):
-        return (await self.retrieve(video_id, caller)).model_dump()
-
-    async def models(self):
-        return [MODEL.name]
-
-    async def ready(self):
-        return {"status": "ready"}
-
-
-APP = create_app(MemoryService(), keys=KeyRing.parse(f"fuzz:{KEY}"), max_body_bytes=MAX_BODY)
+APP = create_app(MemoryVideoService(MODEL, LIMITS), keys=KeyRing.parse(f"fuzz:{KEY}"),
+                 max_body_bytes=MAX_BODY)
 SCHEMA = schemathesis.openapi.from_dict(APP.openapi())  # the schema the server would serve at /openapi.json
 FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
                 suppress_health_check=list(HealthCheck))
@@ -331,7 +292,7 @@ def test_a_form_text_part_is_bounded_below_the_body_limit():
 
     from srserve.api.routes import FORM_MAX_PART_BYTES
 
-    app = create_app(MemoryService(), max_body_bytes=4 * FORM_MAX_PART_BYTES)
+    app = create_app(MemoryVideoService(MODEL, LIMITS), max_body_bytes=4 * FORM_MAX_PART_BYTES)
     with TestClient(app) as client:
         r = client.post("/v1/videos", files={"prompt": (None, "x" * (FORM_MAX_PART_BYTES + 1))})
         assert r.status_code == 400 and r.json()["error"]["param"] == "body" and "Part" in r.text, r.text

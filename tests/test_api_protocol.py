@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from srserve.api.protocol import (
-    ApiError, ModelCard, RequestLimits, Video, VideoCreateBody, VideoDeleted, VideoList, resolve_create,
-)
+from fakes import MemoryVideoService
+from srserve.api.protocol import ModelCard, RequestLimits, VideoCreateBody, resolve_create
 from srserve.api.routes import create_app
 
 MODEL = ModelCard(name="tiny", fps=8, default_num_frames=9, default_height=32, default_width=32, default_steps=8,
@@ -14,50 +13,9 @@ MODEL = ModelCard(name="tiny", fps=8, default_num_frames=9, default_height=32, d
 LIMITS = RequestLimits(max_prompt_chars=50, max_width=64, max_height=64, max_frames=33, max_steps=20)
 
 
-class FakeService:
-    """Keeps videos in a dict; enough to exercise the routes."""
-
-    def __init__(self) -> None:
-        self.videos: dict[str, Video] = {}
-        self.requests = []
-
-    async def create(self, body: VideoCreateBody, caller) -> Video:
-        resolved = resolve_create(body, MODEL, LIMITS)
-        self.requests.append(resolved)
-        video = Video(id=f"video_{len(self.videos)}", created_at=1, model=resolved.model, progress=0,
-                      seconds=resolved.seconds, size=resolved.size, status="queued", prompt=body.prompt)
-        self.videos[video.id] = video
-        return video
-
-    async def retrieve(self, video_id: str, caller=None) -> Video:
-        if video_id not in self.videos:
-            raise ApiError(404, f"video_id: no video {video_id!r}", param="video_id", code="not_found")
-        return self.videos[video_id]
-
-    async def list(self, after, limit, order, caller) -> VideoList:
-        return VideoList(data=list(self.videos.values())[:limit])
-
-    async def delete(self, video_id: str, caller) -> VideoDeleted:
-        await self.retrieve(video_id)
-        del self.videos[video_id]
-        return VideoDeleted(id=video_id)
-
-    async def content(self, video_id, variant, caller):
-        raise ApiError(409, "not ready", param="video_id", code="video_not_ready")
-
-    async def job(self, video_id, caller):
-        return (await self.retrieve(video_id)).model_dump()
-
-    async def models(self):
-        return [MODEL.name]
-
-    async def ready(self):
-        return {"status": "ready"}
-
-
 @pytest.fixture
 def client():
-    service = FakeService()
+    service = MemoryVideoService(MODEL, LIMITS)
     with TestClient(create_app(service, api_docs=True)) as c:
         c.service = service
         yield c
@@ -137,7 +95,7 @@ def test_health_models_and_openapi(client):
 def test_refused_creates_are_reported_to_the_hook():
     """`on_refused(status, code)` hears every create answered with an error (the ingress counts them by reason),
     and nothing else: not an accepted create, not a refusal of another route."""
-    service, heard = FakeService(), []
+    service, heard = MemoryVideoService(MODEL, LIMITS), []
     with TestClient(create_app(service, on_refused=lambda status, code: heard.append((status, code)))) as c:
         assert c.post("/v1/videos", json={"prompt": "ok", "size": "32x32"}).status_code == 200
         assert c.post("/v1/videos", json={"prompt": "ok", "size": "33x33"}).status_code == 422

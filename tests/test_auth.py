@@ -13,9 +13,10 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from fakes import MemoryVideoService
 from srserve.api import auth as auth_module
 from srserve.api.auth import ANONYMOUS, Caller, KeyRing
-from srserve.api.protocol import ApiError, ModelCard, RequestLimits, Video, VideoDeleted, VideoList, resolve_create
+from srserve.api.protocol import ModelCard, RequestLimits
 from srserve.api.routes import create_app
 
 KEYS = """
@@ -28,56 +29,6 @@ ops:sk-ops-0123456789 admin max_per_minute=none
 MODEL = ModelCard(name="tiny", fps=8, default_num_frames=9, default_height=32, default_width=32, default_steps=8)
 LIMITS = RequestLimits(max_prompt_chars=50, max_width=64, max_height=64, max_frames=33, max_steps=20)
 
-
-class RecordingService:
-    """An in-memory service that notes which caller each call came from."""
-
-    def __init__(self) -> None:
-        self.callers: list[tuple[str, Caller]] = []
-        self.videos: dict[str, Video] = {}
-
-    def _heard(self, what: str, caller: Caller) -> None:
-        self.callers.append((what, caller))
-
-    async def create(self, body, caller):
-        self._heard("create", caller)
-        resolved = resolve_create(body, MODEL, LIMITS)
-        video = Video(id=f"video_{len(self.videos)}", created_at=1, model=resolved.model, progress=0,
-                      seconds=resolved.seconds, size=resolved.size, status="queued", prompt=body.prompt)
-        self.videos[video.id] = video
-        return video
-
-    async def retrieve(self, video_id, caller):
-        self._heard("retrieve", caller)
-        if video_id not in self.videos:
-            raise ApiError(404, "video_id: no such video", param="video_id", code="not_found")
-        return self.videos[video_id]
-
-    async def list(self, after, limit, order, caller):
-        self._heard("list", caller)
-        return VideoList(data=list(self.videos.values())[:limit])
-
-    async def delete(self, video_id, caller):
-        self._heard("delete", caller)
-        self.videos.pop(video_id, None)
-        return VideoDeleted(id=video_id)
-
-    async def content(self, video_id, variant, caller):
-        self._heard("content", caller)
-        raise ApiError(409, "not ready", param="video_id", code="video_not_ready")
-
-    async def job(self, video_id, caller):
-        self._heard("job", caller)
-        return {"id": video_id}
-
-    async def models(self):
-        return [MODEL.name]
-
-    async def ready(self):
-        return {"status": "ready"}
-
-
-# --- the keys file ----------------------------------------------------------------------------------------------
 
 def test_keys_file_lines_become_callers():
     ring = KeyRing.parse(KEYS)
@@ -163,7 +114,7 @@ def test_every_key_is_compared_in_constant_time(monkeypatch, header):
 
 @pytest.fixture
 def served():
-    service = RecordingService()
+    service = MemoryVideoService(MODEL, LIMITS)
     heard = []
     app = create_app(service, keys=KeyRing.parse(KEYS), on_refused=lambda status, code: heard.append((status, code)))
     with TestClient(app) as client:
@@ -215,7 +166,7 @@ def test_a_valid_key_reaches_the_service_as_its_caller(served):
 def test_health_routes_stay_open_and_no_keys_means_anonymous(served):
     assert served.get("/healthz").json() == {"status": "ok"}
     assert served.get("/readyz").json() == {"status": "ready"}
-    service = RecordingService()
+    service = MemoryVideoService(MODEL, LIMITS)
     with TestClient(create_app(service)) as open_client:
         assert open_client.post("/v1/videos", json={"prompt": "a cat"}).status_code == 200
         assert open_client.get("/v1/videos", headers={"Authorization": "Bearer anything"}).status_code == 200
@@ -224,7 +175,8 @@ def test_health_routes_stay_open_and_no_keys_means_anonymous(served):
 
 @pytest.mark.parametrize("api_docs", [False, True])
 def test_docs_pages_are_served_only_when_configured(api_docs):
-    with TestClient(create_app(RecordingService(), keys=KeyRing.parse(KEYS), api_docs=api_docs)) as client:
+    app = create_app(MemoryVideoService(MODEL, LIMITS), keys=KeyRing.parse(KEYS), api_docs=api_docs)
+    with TestClient(app) as client:
         statuses = {path: client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")}
         assert statuses == dict.fromkeys(statuses, 200 if api_docs else 404)
         if api_docs:  # the docs say how to authenticate
@@ -251,7 +203,7 @@ def _free_port() -> int:
 def http_server():
     import uvicorn
 
-    service = RecordingService()
+    service = MemoryVideoService(MODEL, LIMITS)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service, keys=KeyRing.parse(KEYS)), host="127.0.0.1",
                                            port=port, log_level="warning", lifespan="off"))
