@@ -30,6 +30,8 @@ MODEL = ModelCard(name="tiny", fps=8, default_num_frames=9, default_height=32, d
 LIMITS = RequestLimits(max_prompt_chars=50, max_width=64, max_height=64, max_frames=33, max_steps=20)
 
 
+# --- the keys file ----------------------------------------------------------------------------------------------
+
 def test_keys_file_lines_become_callers():
     ring = KeyRing.parse(KEYS)
     assert ring.names == ["alice", "bob", "ops"] and len(ring) == 3
