@@ -20,4 +20,5 @@ if [ -n "${POOLS_QUICK:-}" ]; then SIZES=8,16; fi
     --slo-factor 1.5 --saturation-from "$OUT/pools_sim.json" --out "$OUT/pools_sim_slo.json"
 "$PY" benchmarks/fleets.py --out "$OUT/fleets.json"
 "$PY" benchmarks/load_step.py --out "$OUT/load_step.json" --plot "$OUT/load_step.png"
+"$PY" benchmarks/sim_memory.py --out "$OUT/sim_memory.json"
 "$PY" benchmarks/report.py --results "$OUT"

@@ -1,5 +1,6 @@
-"""REPORT.md's "Simulated pools" section (issue 13 point 6): equal GPUs (pools_sim.json), mixed fleets (fleets.json)
-and the load step (load_step.json, load_step.png), each read from the JSON its benchmark wrote."""
+"""REPORT.md's "Simulated pools" section (issue 13 point 6): equal GPUs (pools_sim.json), mixed fleets (fleets.json),
+the load step (load_step.json, load_step.png) and the replicas' memory (sim_memory.json), each read from the JSON
+its benchmark wrote."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -178,6 +179,34 @@ def load_step(ls: dict[str, Any], out: Path) -> tuple[list[str], list[tuple]]:
     return lines + [""], goals
 
 
+def replica_memory(m: dict[str, Any], before: dict[str, Any] | None) -> tuple[list[str], list[tuple]]:
+    """The memory of simulated replicas (sim_memory.json), beside the torch engine's when that run is there."""
+    old = {r["deployment"]: r for r in (before or {}).get("rows", [])}
+    lines = ["### Memory of a simulated replica", "",
+             f"`benchmarks/sim_memory.py` ({m['date']}): deployments/sim-wan2.1-h100.yaml with fixed pools, "
+             f"{m['requests']} requests {m['concurrency']} at a time; the largest figure per replica, MB, from "
+             f"/proc/PID/smaps_rollup. Replicas that imported torch: {', '.join(m['torch_imported']) or 'none'}."
+             + (" Before: the torch sim engine, same script (sim_memory_torch_engine.json)." if old else ""), "",
+             "| replica | idle RSS | idle PSS | loaded anonymous | loaded RSS (object-store pages read in place "
+             "included) |" + (" before: idle RSS / loaded anonymous |" if old else ""),
+             "|---|---|---|---|---|" + ("---|" if old else "")]
+    worst = 0.0
+    for row in m["rows"]:
+        if row["deployment"] not in ("Encode", "Sketch", "Render", "Decode"):
+            continue
+        idle, loaded = row.get("idle", {}), row.get("loaded", {})
+        worst = max(worst, idle.get("rss", 0.0))
+        was = old.get(row["deployment"], {})
+        lines.append(f"| {row['deployment']} | {_n(idle.get('rss'))} | {_n(idle.get('pss'))} | "
+                     f"{_n(loaded.get('anon'))} | {_n(loaded.get('rss'))} |"
+                     + (f" {_n(was.get('idle', {}).get('rss'))} / {_n(was.get('loaded', {}).get('anon'))} |"
+                        if old else ""))
+    goals = [("an idle simulated replica <= ~250 MB RSS, no torch", f"{worst:.0f} MB (largest of Encode, Sketch, "
+              f"Render, Decode); torch imported by: {', '.join(m['torch_imported']) or 'none'}",
+              worst <= 250 and not m["torch_imported"])]
+    return lines + [""], goals
+
+
 def pools_section(out: Path, load: Any) -> tuple[list[str], list[tuple]]:
     """The section, from whichever of the three JSON files exist."""
     lines, goals = ["## Simulated pools", "",
@@ -197,5 +226,9 @@ def pools_section(out: Path, load: Any) -> tuple[list[str], list[tuple]]:
     data = load(out / "load_step.json")
     if data:
         sec, g = load_step(data, out)
+        lines, goals = lines + sec, goals + g
+    memory = load(out / "sim_memory.json")
+    if memory:
+        sec, g = replica_memory(memory, load(out / "sim_memory_torch_engine.json"))
         lines, goals = lines + sec, goals + g
     return (lines, goals) if len(lines) > 4 else ([], [])

@@ -47,7 +47,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from srserve.config import GenerationRequest
-    from srserve.pipeline.engine import SREngine
+    from srserve.pipeline.families import load_engine
     from srserve.pipeline.spec import ModelSpecError, resolve_model_spec
     from srserve.pipeline.video import write_video
     from srserve.tiny import default_model_path
@@ -69,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
         spec = resolve_model_spec(args.model or default_model_path(), device=args.device, dtype=args.dtype,
                                   attention_backend=args.attention_backend)
-        engine = SREngine.load(spec)
+        engine = load_engine(spec)  # SREngine, or the simulated family's
         request = engine.resolve(request)
     except (ValidationError, ModelSpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

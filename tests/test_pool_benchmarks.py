@@ -88,3 +88,21 @@ def test_the_break_even_price_makes_the_mixed_fleet_cost_the_target():
     at = fleets.disaggregated(0.2, 400.0, "h100", "l40s", fleets.with_price(table, "l40s", price))
     assert at.dollars_per_video <= target + 1e-9
     assert fleets.break_even_price(0.2, 400.0, "h100", "l40s", table, 1e-6) is None  # below the sketch pool alone
+
+
+def test_the_memory_goal_reads_the_largest_idle_stage_replica_and_any_torch_import():
+    from report_pools import replica_memory
+    from sim_memory import memory_mb
+
+    def run(rss: dict[str, float], torch: list[str]) -> dict:
+        return {"date": "d", "requests": 4, "concurrency": 2, "torch_imported": torch,
+                "rows": [{"deployment": name, "idle": {"rss": v, "pss": v / 2, "anon": v / 2},
+                          "loaded": {"rss": 2 * v, "pss": v, "anon": v / 2}} for name, v in rss.items()]}
+
+    small = {"Ingress": 400.0, "Encode": 150.0, "Sketch": 149.0, "Render": 151.0, "Decode": 150.0}
+    lines, [(_, measured, met)] = replica_memory(run(small, []), None)
+    assert met and measured.startswith("151 MB")  # the Ingress is no simulated replica
+    assert not replica_memory(run({**small, "Sketch": 260.0}, []), None)[1][0][2]
+    assert not replica_memory(run(small, ["Render"]), run(small, []))[1][0][2]
+    own = memory_mb(int(Path("/proc/self").resolve().name))
+    assert own is not None and own["rss"] >= own["pss"] > 0 and own["anon"] > 0

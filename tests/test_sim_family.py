@@ -1,9 +1,11 @@
 """The simulated family: spec and checkpoint of configs, real-size states, time spent per the cost table, and the
-adaptive rule firing at the drawn switch step. No Ray, no weights (torch only for the tensors)."""
+adaptive rule firing at the drawn switch step. No Ray, no weights, no torch (checked in a fresh interpreter)."""
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,21 +55,52 @@ def test_bad_sim_settings_fail_as_spec_errors(tmp_path):
 
 
 def _rule_switch(target: int, num_steps: int, threshold: float = 0.01, lo: int = 3, hi: int | None = None) -> int:
-    """Feed the real AdaptiveSwitch with the sim's outputs, computing the relative change in float32 as
-    DenoiseBatch does; the step it switches after."""
-    import torch
-
-    from srserve.pipeline.families.sim import SimFamily
+    """Feed the real AdaptiveSwitch with the sim's outputs and their float32 relative changes, as SimBatch does;
+    the step it switches after."""
+    from srserve.sim.engine import relative_change, sketch_output
 
     rule = AdaptiveSwitch(threshold, lo, hi if hi is not None else num_steps)
     prev = None
     for i in range(num_steps):
-        out = torch.tensor([SimFamily._output(target, i)], dtype=torch.float32)
-        change = None if prev is None else float((out - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+        out = sketch_output(target, i)
+        change = None if prev is None else relative_change(out, prev)
         prev = out
         if rule.observe(i, change):
             return i + 1
     return num_steps
+
+
+def test_relative_change_is_the_one_denoise_batch_computes():
+    torch = pytest.importorskip("torch")
+    from srserve.sim.engine import relative_change, sketch_output
+
+    for target, i in ((7, 5), (20, 19), (20, 30)):
+        out, prev = (torch.tensor([sketch_output(target, j)], dtype=torch.float32) for j in (i, i - 1))
+        expected = float((out - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+        assert relative_change(sketch_output(target, i), sketch_output(target, i - 1)) == expected
+
+
+def test_schedule_is_diffusers_unipc_without_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    from srserve.sim.engine import flow_timesteps
+
+    config = json.loads((BUNDLE / "scheduler" / "scheduler_config.json").read_text())
+    for n in (1, 20, 30, 50, 100):
+        scheduler = diffusers.UniPCMultistepScheduler.from_config(config)
+        scheduler.set_timesteps(n)
+        assert flow_timesteps(config, n) == tuple(scheduler.timesteps.tolist()), n
+    with pytest.raises(ValueError, match="use_flow_sigmas"):
+        flow_timesteps({**config, "use_flow_sigmas": False}, 50)
+
+
+def test_a_simulated_request_imports_neither_torch_nor_diffusers():
+    code = ("import sys; from srserve.config import GenerationRequest; from srserve.pipeline.families import "
+            "load_engine; from srserve.pipeline.spec import resolve_model_spec; "
+            f"e = load_engine(resolve_model_spec({str(BUNDLE)!r})); e.family.sleep = lambda s: None; "
+            "r = e.generate(GenerationRequest(prompt='a red ball', seed=1)); "
+            "import srserve.serving.app; print(r.frames.shape[0], 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["81", "False", "False"]
 
 
 @pytest.mark.parametrize("num_steps", [20, 50, 200, 1000])
@@ -82,9 +115,9 @@ def test_outputs_make_the_adaptive_rule_fire_at_the_target(num_steps):
 
 @pytest.fixture(scope="module")
 def engine():
-    from srserve.pipeline.engine import SREngine
+    from srserve.pipeline.families import load_engine
 
-    e = SREngine.load(resolve_model_spec(BUNDLE))
+    e = load_engine(resolve_model_spec(BUNDLE))
     slept: list[float] = []
     e.family.sleep = slept.append
     e.family.slept = slept
@@ -97,11 +130,33 @@ def test_states_have_the_real_size(engine):
     request = GenerationRequest(prompt="a red ball", seed=3)
     embeddings = engine.encode(request)
     assert tuple(embeddings.prompt_embeds.shape) == (1, 512, 4096)
-    assert str(embeddings.prompt_embeds.dtype) == "torch.bfloat16" and embeddings.negative_prompt_embeds is not None
+    assert embeddings.prompt_embeds.itemsize == 2 and embeddings.negative_prompt_embeds is not None  # bf16 words
     state = engine.prepare(request, embeddings)
-    assert tuple(state.latents.shape) == (1, 16, 21, 60, 104)
-    assert state.nbytes() > 2 * 512 * 4096 * 2 + 16 * 21 * 60 * 104 * 4
-    assert state.scheduler_class == "UniPCMultistepScheduler" and state.num_steps == 50
+    assert tuple(state.latents.shape) == (1, 16, 21, 60, 104) and state.latents.dtype == "float32"
+    assert state.nbytes() == 2 * 512 * 4096 * 2 + 16 * 21 * 60 * 104 * 4
+    assert state.num_steps == 50 and state.timesteps[0] == 999 and state.timesteps[-1] < state.timesteps[0]
+    assert state.for_decode().embeddings is None and state.for_decode().latents is state.latents
+
+
+def test_states_cross_the_wire_as_raw_buffers_read_in_place(engine):
+    """A simulated state leaves as a small pickle and its arrays' buffers; the receiver's arrays are views of the
+    buffers it got (the object store's, in Ray): no copy, unlike a torch state's tensors."""
+    from srserve.config import GenerationRequest
+    from srserve.serving.messages import StageMessage, dump_state, load_state
+
+    request = GenerationRequest(prompt="a red ball", seed=3)
+    state = engine.prepare(request, engine.encode(request))
+    header, buffers = dump_state(state)
+    assert len(header) < 4096 and sum(b.raw().nbytes for b in buffers) == state.nbytes()
+    received = [memoryview(bytearray(b.raw())).toreadonly() for b in buffers]  # what a reader maps
+    back = load_state(header, received)
+    assert back.latents.shape == state.latents.shape and not back.latents.flags.owndata
+    assert back.request == state.request and back.timesteps == state.timesteps
+    msg = StageMessage("j", 0, request, 16, False, state=state.replace(embeddings=None))
+    func, args = msg.__reduce__()
+    assert func(*args).state.latents.shape == state.latents.shape
+    with pytest.raises(ValueError, match="version 7 is not supported"):
+        load_state(*dump_state(state.replace(version=7)))
 
 
 def test_generate_spends_the_tables_time_and_switches_where_drawn(engine):
@@ -114,7 +169,7 @@ def test_generate_spends_the_tables_time_and_switches_where_drawn(engine):
     switches = []
     for seed in range(4):
         request = engine.resolve(GenerationRequest(prompt="a red ball", seed=seed))
-        target = fam.target_switch(engine.prepare(request, None).latents, 50)
+        target = fam.target_switch(seed, 50)
         result = engine.generate(request)
         assert result.switch_step == target
         assert result.frames.shape == (81, 16, 16, 3)
@@ -145,11 +200,10 @@ def test_fixed_and_capped_policies_and_unguided_render(engine):
 
 def test_a_batch_costs_what_the_table_says_for_its_size(engine):
     from srserve.config import GenerationRequest
-    from srserve.pipeline.batch import DenoiseBatch
     from srserve.sim.costs import default_table
 
     fam = engine.family
-    batch = DenoiseBatch(fam, "render", max_batch_size=4)
+    batch = engine.new_batch("render", max_batch_size=4)
     for seed in range(3):
         request = GenerationRequest(prompt="x", seed=seed, switch="step:48")
         state = engine.prepare(request, engine.encode(request)).replace(step_index=48)

@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from srserve.pipeline.caches import step_cache
+from srserve.pipeline.errors import Cancelled
+from srserve.pipeline.stepping import CancelCheck, StepBoundaries, StepCallback
 from srserve.pipeline.families import Family
 from srserve.pipeline.families.base import StepInput
 from srserve.pipeline.handoff import HandoffState, capture_scheduler, check_version, restore_scheduler, to_cpu
-from srserve.pipeline.scheduling import StepView
 from srserve.pipeline.switch import AdaptiveSwitch, parse_policy
 
-StepCallback = Callable[[int, int], None]
-CancelCheck = Callable[[], bool]
-
-
-class Cancelled(RuntimeError):
-    """Raised at a step boundary when the request's `should_cancel` returned True."""
 
 
 @contextlib.contextmanager
@@ -70,7 +65,7 @@ class _Active:
     previous_output: torch.Tensor | None = None  # the last guided output, for the adaptive rule only
 
 
-class DenoiseBatch:
+class DenoiseBatch(StepBoundaries):
     """Advances requests of one role one denoising step at a time; same-shape requests share a forward pass.
 
     `add` admits a request at a step boundary, `step` runs one step for every active request and returns the
@@ -84,24 +79,14 @@ class DenoiseBatch:
         self.cache = step_cache(family.transformers.get(role))
         self.active: dict[str, _Active] = {}
 
-    def __len__(self) -> int:
-        return len(self.active)
-
     @property
     def forward_size(self) -> int:
-        """The most requests one forward may carry (1 with a step cache: see `_groups`)."""
+        """The most requests one forward may carry: 1 with a step cache. Diffusers decides to skip once per forward
+        for the whole batch, so a shared forward would tie a request's result to its companions. The price is the
+        batching gain: 4 srd-tiny requests stepped alone cost 1.15x (sketch) to 1.4x (render) a shared step on CPU;
+        the cache's own per-request bookkeeping is within noise. A cache pays back under load only if it skips more.
+        """
         return 1 if self.cache is not None else self.max_batch_size
-
-    def views(self) -> dict[str, StepView]:
-        """What a scheduler needs of each resident request: its group, the size of its steps, how many remain."""
-        out = {}
-        for key, item in self.active.items():
-            emb, request = item.state.embeddings, item.state.request
-            scale = request.guidance_scale_2 if self.role == "render" else request.guidance_scale
-            branches = 2 if emb.negative_prompt_embeds is not None and scale != 1.0 else 1
-            out[key] = StepView(self._shape_key(item), float(item.latents.numel() * branches),
-                                max(0, item.stop - item.step_index), item.step_index, item.state.num_steps)
-        return out
 
     def add(self, key: str, state: HandoffState, on_step: StepCallback | None = None,
             should_cancel: CancelCheck | None = None) -> None:
@@ -144,44 +129,11 @@ class DenoiseBatch:
             self.cache.release(key)
         return item
 
-    def step(self, keys: Collection[str] | None = None) -> dict[str, HandoffState | BaseException]:
-        """One step boundary: every resident request that finished its segment or was cancelled leaves, then
-        `keys` (default: all) advance one step, same-shape ones in shared forwards. Returns those that left."""
-        finished: dict[str, HandoffState | BaseException] = {}
-        for key, item in list(self.active.items()):
-            if item.step_index >= item.stop:
-                finished[key] = self._retire(key)
-            elif item.should_cancel is not None and item.should_cancel():
-                self._drop(key)
-                finished[key] = Cancelled(f"cancelled at step {item.step_index}")
-        chosen = [(k, self.active[k]) for k in (self.active if keys is None else keys) if k in self.active]
-        for group in self._groups(chosen):
-            try:
-                self._step_group(group)
-            except Exception as err:  # a failing forward fails its requests, not the whole replica
-                for key, _ in group:
-                    self._drop(key)
-                    finished[key] = err
-        for key, item in chosen:
-            if key in self.active and item.step_index >= item.stop:
-                finished[key] = self._retire(key)
-        return finished
-
     @staticmethod
     def _shape_key(item: _Active) -> tuple:
         emb = item.state.embeddings
         return (tuple(item.latents.shape), tuple(emb.prompt_embeds.shape), emb.negative_prompt_embeds is None)
 
-    def _groups(self, items: list[tuple[str, _Active]]) -> list[list[tuple[str, _Active]]]:
-        groups: dict[tuple, list[tuple[str, _Active]]] = {}
-        for key, item in items:
-            groups.setdefault(self._shape_key(item), []).append((key, item))
-        # With a step cache each request steps alone: diffusers decides to skip once per forward for the whole
-        # batch, so a shared forward would tie a request's result to its companions. The price is the batching gain:
-        # 4 srd-tiny requests stepped alone cost 1.15x (sketch) to 1.4x (render) a shared step on CPU; the cache's
-        # own per-request bookkeeping is within noise. A cache pays back under load only if it skips more.
-        size = self.forward_size
-        return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
     def _step_group(self, group: list[tuple[str, _Active]]) -> None:
         inputs = []

@@ -7,29 +7,20 @@ denoise (sketch then render, through `DenoiseBatch`), decode. The same code runs
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import torch
 
 from srserve.config import GenerationRequest, ModelSpec
-from srserve.pipeline.batch import CancelCheck, Cancelled, DenoiseBatch, StepCallback, cancel_between_calls
-from srserve.pipeline.families import ROLES, Family, load_family
+from srserve.pipeline.batch import DenoiseBatch, cancel_between_calls
+from srserve.pipeline.errors import Cancelled, ModelSpecError
+from srserve.pipeline.families import ROLES, Family, family_info, load_family
 from srserve.pipeline.handoff import HandoffState, PromptEmbeddings, capture_scheduler
+from srserve.pipeline.stepping import CancelCheck, GenerationResult, StepCallback, generate, run_segment
 from srserve.pipeline.switch import fixed_switch_step, parse_policy
 
 __all__ = ["CancelCheck", "Cancelled", "DenoiseBatch", "GenerationResult", "SREngine", "StepCallback"]
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    frames: np.ndarray  # (F, H, W, 3) float32 in [0, 1]
-    switch_step: int
-    num_inference_steps: int
-    timings: dict[str, float]
-    latents: torch.Tensor  # final latents, before decode
 
 
 class SREngine:
@@ -44,6 +35,10 @@ class SREngine:
         from srserve.pipeline.spec import validate_model_spec
 
         validate_model_spec(spec)
+        engine = family_info(spec.family).engine
+        if engine != f"{__name__}:{cls.__name__}":
+            raise ModelSpecError(f"the {spec.family} family runs on its own engine ({engine}): load it with "
+                                 "srserve.pipeline.families.load_engine")
         return cls(load_family(spec, roles))
 
     @property
@@ -88,6 +83,10 @@ class SREngine:
             embeddings=embeddings, generator_state=generator.get_state(), switch_step=switch_step,
         )
 
+    def new_batch(self, role: str, max_batch_size: int = 8) -> DenoiseBatch:
+        """A step-level batch of this engine's `role` (what a Sketch or Render replica runs)."""
+        return DenoiseBatch(self.family, role, max_batch_size=max_batch_size)
+
     # --- 4. the denoising loop: the large model's steps, then the small model's ---------------------------
     def sketch(self, state: HandoffState, on_step: StepCallback | None = None,
                should_cancel: CancelCheck | None = None) -> HandoffState:
@@ -99,15 +98,7 @@ class SREngine:
 
     def _run(self, role: str, state: HandoffState, on_step: StepCallback | None,
              should_cancel: CancelCheck | None) -> HandoffState:
-        batch = DenoiseBatch(self.family, role)
-        batch.add("request", state, on_step, should_cancel)
-        finished: dict[str, HandoffState | BaseException] = {}
-        while batch:
-            finished.update(batch.step())
-        result = finished["request"]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return run_segment(self.new_batch(role), state, on_step, should_cancel)
 
     # --- 5. decode ----------------------------------------------------------------------------------------
     def decode(self, state: HandoffState, should_cancel: CancelCheck | None = None) -> np.ndarray:
@@ -126,16 +117,4 @@ class SREngine:
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
                  should_cancel: CancelCheck | None = None) -> GenerationResult:
         """The in-process SR pipeline."""
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        state = self.prepare(request, self.encode(request))
-        timings["encode_seconds"] = time.perf_counter() - start
-        for role in ("sketch", "render"):
-            began = time.perf_counter()
-            state = self._run(role, state, on_step, should_cancel)
-            timings[f"{role}_seconds"] = time.perf_counter() - began
-        began = time.perf_counter()
-        frames = self.decode(state)
-        timings["decode_seconds"] = time.perf_counter() - began
-        timings["total_seconds"] = time.perf_counter() - start
-        return GenerationResult(frames, int(state.switch_step), state.num_steps, timings, state.latents)
+        return generate(self, request, on_step, should_cancel)

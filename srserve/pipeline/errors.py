@@ -13,3 +13,7 @@ class RequestError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
         self.param, self.message = param, message
+
+
+class Cancelled(RuntimeError):
+    """Raised at a step boundary (or between a decode's chunks) when the request's `should_cancel` returned True."""

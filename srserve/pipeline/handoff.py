@@ -16,18 +16,13 @@ from typing import Any
 import torch
 
 from srserve.config import GenerationRequest
+from srserve.pipeline.stepping import PromptEmbeddings  # noqa: F401  (torch-free home; families import it here)
 
 # 2: no `switch_policy` (read `request.switch`), no `previous_output` (the adaptive rule runs within one sketch
 # segment), embeddings may be None on the wire.
 HANDOFF_VERSION = 2
 # Attributes of a scheduler that are configuration or derived from it, not carried state.
 _SCHEDULER_SKIP = {"_internal_dict"}
-
-
-@dataclass(frozen=True)
-class PromptEmbeddings:
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from srserve.pipeline.batch import Cancelled, DenoiseBatch
+from srserve.pipeline.errors import Cancelled
 from srserve.pipeline.scheduling import FairQueue, Policy, admission_order
 from srserve.serving.args import StageOptions
 from srserve.serving.metrics import StageMetrics
@@ -40,7 +40,7 @@ class Entry:
 
 
 class BatchLoop:
-    def __init__(self, batch: DenoiseBatch, options: StageOptions, compute: Any, metrics: StageMetrics,
+    def __init__(self, batch: Any, options: StageOptions, compute: Any, metrics: StageMetrics,
                  role: str) -> None:
         self.batch, self.options, self.compute, self.metrics, self.role = batch, options, compute, metrics, role
         sched = options.scheduling

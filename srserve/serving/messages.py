@@ -83,15 +83,30 @@ def dump_state(state: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
 
 
 def load_state(header: bytes, buffers: list[Any]) -> Any:
-    """The state `dump_state` wrote; its tensors own their memory (object-store buffers are read-only)."""
-    from srserve.pipeline.handoff import HANDOFF_VERSION, HandoffState
-
+    """The state `dump_state` wrote. Its tensors own their memory (object-store buffers are read-only); a
+    simulated state's numpy arrays, which nothing writes, stay views of the buffers (no copy)."""
     version, state = pickle.loads(header, buffers=buffers)
-    if version != WIRE_VERSION or not isinstance(state, HandoffState):
+    expected = _state_version(state)
+    if version != WIRE_VERSION or expected is None:
         raise TypeError(f"not a srserve handoff message (wire version {version}, {type(state).__name__})")
-    if state.version != HANDOFF_VERSION:
-        raise ValueError(f"handoff version {state.version} is not supported (expected {HANDOFF_VERSION})")
+    if state.version != expected:
+        raise ValueError(f"handoff version {state.version} is not supported (expected {expected})")
     return state
+
+
+def _state_version(state: Any) -> int | None:
+    """The layout version this code reads for the state's class; None for a class that is no handoff state.
+    Checked by module first, so a simulated state never imports torch (handoff.py does)."""
+    module = type(state).__module__
+    if module == "srserve.sim.engine":
+        from srserve.sim.engine import SIM_STATE_VERSION, SimState
+
+        return SIM_STATE_VERSION if isinstance(state, SimState) else None
+    if module == "srserve.pipeline.handoff":
+        from srserve.pipeline.handoff import HANDOFF_VERSION, HandoffState
+
+        return HANDOFF_VERSION if isinstance(state, HandoffState) else None
+    return None
 
 
 class _TensorPickler(pickle.Pickler):
@@ -99,10 +114,9 @@ class _TensorPickler(pickle.Pickler):
         super().__init__(out, protocol=5, buffer_callback=buffers.append)
 
     def reducer_override(self, obj: Any) -> Any:
-        import torch
-
-        if not isinstance(obj, torch.Tensor):
-            return NotImplemented
+        torch = sys.modules.get("torch")  # not imported: no tensor to meet (a simulated state's are numpy arrays)
+        if torch is None or not isinstance(obj, torch.Tensor):
+            return NotImplemented  # numpy arrays leave as out-of-band buffers on their own (protocol 5)
         if obj.device.type != "cpu":
             raise ValueError("handoff tensors must be on the CPU (a receiver may have another GPU, or none)")
         flat = obj.detach().contiguous().reshape(-1)

@@ -16,7 +16,8 @@ from ray import serve
 
 from srserve.config import ModelSpec
 from srserve.control.autoscale import StageStats
-from srserve.pipeline.engine import Cancelled, SREngine
+from srserve.pipeline.errors import Cancelled
+from srserve.pipeline.families import load_engine
 from srserve.pipeline.spec import resolve_model_spec
 from srserve.serving.args import StageOptions
 from srserve.serving.artifacts import ArtifactStore
@@ -71,7 +72,7 @@ class StageBase(HandoffProbe):
             torch.set_num_threads(self.options.torch_threads)
         # Held around every model computation: a no-op alone, shared by the roles of a Colocated replica.
         self.compute = compute if compute is not None else contextlib.nullcontext()
-        self.engine = SREngine.load(resolve_spec(model), roles=self.roles)
+        self.engine = load_engine(resolve_spec(model), roles=self.roles)  # SREngine, or the simulated one
         self.store = store
         # Where the denoising stages save the state they hand on, and Encode loads it for a resumed job.
         url = self.options.checkpoint_url

@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from srserve.config import GenerationRequest, ModelSpec
-from srserve.pipeline.engine import Cancelled, DenoiseBatch
+from srserve.pipeline.errors import Cancelled
 from srserve.serving.args import EncodeOptions
 from srserve.serving.artifacts import ArtifactStore, CheckpointMissing, encode_outputs
 from srserve.serving.batch_loop import BatchLoop, Entry
@@ -135,7 +135,7 @@ class _Denoise(StageBase):
     def __init__(self, model: str | ModelSpec | None, store: Any, options: dict[str, Any],
                  compute: Any = None, reporter: Reporter | None = None, metrics: StageMetrics | None = None) -> None:
         super().__init__(model, store, options, compute, reporter, metrics)
-        self._batch = DenoiseBatch(self.engine.family, self.role, max_batch_size=self.options.max_batch_size)
+        self._batch = self.engine.new_batch(self.role, max_batch_size=self.options.max_batch_size)
         self._keys = itertools.count()
         # The worker thread: admits at step boundaries, steps what the fair scheduler picks (batch_loop.py).
         self._loop = BatchLoop(self._batch, self.options, self.compute, self.metrics, self.role)
@@ -231,7 +231,7 @@ async def _attach_embeddings(msg: StageMessage) -> StageMessage:
     began = time.perf_counter()
     embeddings = await msg.embeddings
     transfer = dict(msg.transfer or {})
-    transfer["embeddings_bytes"] = float(sum(t.numel() * t.element_size() for t in
+    transfer["embeddings_bytes"] = float(sum(t.nbytes for t in  # torch tensors and numpy arrays both have it
                                              (embeddings.prompt_embeds, embeddings.negative_prompt_embeds)
                                              if t is not None))
     transfer["embeddings_s"] = time.perf_counter() - began

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 
 from srserve.config import GenerationRequest, ModelSpec
-from srserve.pipeline.families.registry import role_path  # torch-free home (spec checks use it)
+from srserve.pipeline.families.registry import ROLES, role_path  # noqa: F401  (torch-free home; spec checks use it)
 from srserve.pipeline.handoff import PromptEmbeddings
 
-ROLES = ("encode", "sketch", "render", "decode")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -18,6 +18,7 @@ from srserve.pipeline.errors import ModelSpecError
 if TYPE_CHECKING:
     from srserve.config import ModelSpec
 
+ROLES = ("encode", "sketch", "render", "decode")  # what a stage loads the weights of
 # The small configs a family check reads: "vae" (the base VAE) and "sketch" / "render" (the transformers).
 Configs = dict[str, dict[str, Any]]
 
@@ -39,11 +40,21 @@ class FamilyInfo:
     default_steps: int
     vae_scales: Callable[[dict[str, Any]], tuple[int, int]]  # vae/config.json -> (temporal, spatial) strides
     validate: Callable[[ModelSpec, Configs], None] = _no_checks  # ModelSpecError for what only this family needs
+    # "module:Class" of the engine that runs it: SREngine (torch, diffusers) unless the family brings its own
+    engine: str = "srserve.pipeline.engine:SREngine"
 
     def load(self) -> type:
         """The family's `Family` class."""
-        module, _, cls = self.implementation.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return _import(self.implementation)
+
+    def load_engine(self) -> type:
+        """The class of the engine that runs the family (`SREngine`, or its own), imported now."""
+        return _import(self.engine)
+
+
+def _import(path: str) -> type:
+    module, _, cls = path.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def role_path(spec: ModelSpec, role: str) -> str:
@@ -128,10 +139,11 @@ def _validate_sim(spec: ModelSpec, configs: Configs) -> None:
                                  f"in {differ}")
 
 
+# Its engine is torch-free (numpy states, no diffusers), so a simulated replica costs little memory.
 SIM = FamilyInfo(
-    name="sim", pipeline_class="SimWanPipeline", implementation="srserve.pipeline.families.sim:SimFamily",
+    name="sim", pipeline_class="SimWanPipeline", implementation="srserve.sim.engine:SimFamily",
     attention_backends=False, default_num_frames=81, default_height=480, default_width=832, default_steps=50,
-    vae_scales=_wan_vae_scales, validate=_validate_sim,
+    vae_scales=_wan_vae_scales, validate=_validate_sim, engine="srserve.sim.engine:SimEngine",
 )
 
 FAMILIES: dict[str, FamilyInfo] = {info.name: info for info in (WAN, COGVIDEOX, SIM)}
