@@ -28,7 +28,8 @@ from loadgen import LoadSpec, run_load  # noqa: E402
 from serving_compare import drain, free_port, machine, slim, versions  # noqa: E402
 from serving_metrics import percentile, phase_metrics  # noqa: E402
 
-SETUPS = ("large-only", "colocated-sr", "disaggregated-sr")
+SETUPS = ("large-only", "colocated-sr", "disaggregated-sr", "disaggregated-flex-sr")
+DISAGGREGATED = ("disaggregated-sr", "disaggregated-flex-sr")
 
 
 def write_result(path: str, fields: dict[str, Any], started: float) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def planned_pools(gpus: int, gpu: str) -> dict[str, Any]:
     """Per setup: pool sizes and mean service seconds (simulated) from the planner's model; disaggregated at the
     split of `gpus` that maximises its pool-bound throughput (the render pool is charged encode and decode)."""
     from srserve.sim.costs import default_table
-    from srserve.sim.plan import Planner, PlanRequest
+    from srserve.sim.plan import Planner, PlanRequest, best_whole_gpu_split
     from srserve.sim.switching import SwitchDistribution
 
     table = default_table()
@@ -83,10 +84,13 @@ def planned_pools(gpus: int, gpu: str) -> dict[str, Any]:
         out[name] = {"pools": {"workers": gpus}, "mean_s": {"workers": mean}, "bound_rps": gpus / mean}
     pools = planner.disaggregated(gpu, gpu).pools
     means = {p.name: p.mean_service_s for p in pools}
-    best = max(range(1, gpus), key=lambda s: min(s / means["sketch"], (gpus - s) / means["render"]))
-    sizes = {"sketch": best, "render": gpus - best}
-    out["disaggregated-sr"] = {"pools": sizes, "mean_s": means,
-                               "bound_rps": min(sizes[k] / means[k] for k in sizes)}
+    sizes, bound = best_whole_gpu_split(gpus, means["sketch"], means["render"])
+    out["disaggregated-sr"] = {"pools": sizes, "mean_s": means, "bound_rps": bound}
+    # with flex GPUs (Colocated replicas beside the pools) where the whole-GPU split leaves a remainder
+    sizes, bound = best_whole_gpu_split(gpus, means["sketch"], means["render"], out["colocated-sr"]["mean_s"]["workers"])
+    if sizes.get("flex"):
+        out["disaggregated-flex-sr"] = {"pools": sizes, "mean_s": {**means, "flex": out["colocated-sr"]["mean_s"][
+            "workers"]}, "bound_rps": bound}
     return out
 
 
@@ -98,10 +102,12 @@ def app_args(setup: str, model: str, pools: dict[str, int], work: Path, stage_qu
         "max_pending_jobs": 2000, "ingress": {"max_ongoing_requests": 2000, "max_queued_requests": -1},
         "admission": {"check_deadline": False}, "watchdog": {"checkpoint_stages": False}, "slo": slo,
     }
-    if setup != "disaggregated-sr":
+    if setup not in DISAGGREGATED:
         args.update(mode="colocated", colocated=dict(stage, num_replicas=pools["workers"], pool="colocated_pool",
                                                      force_switch="none" if setup == "large-only" else None))
         return args
+    if pools.get("flex"):  # flex GPUs hold both models: whole jobs, one at a time, beside the pools
+        args["flex"] = dict(stage, num_replicas=pools["flex"], pool="colocated_pool", max_ongoing_requests=1)
     r = pools["render"]
     # Encode and Decode ride on the render GPUs (fractions of them); the planner charges their time to that pool.
     queue = {"max_ongoing_requests": stage_queue}
@@ -115,8 +121,10 @@ def app_args(setup: str, model: str, pools: dict[str, int], work: Path, stage_qu
 
 def pool_stages(setup: str, pools: dict[str, int]) -> dict[str, dict[str, Any]]:
     """The stages each pool's GPUs run (serving_metrics.busy_fraction): colocated replicas record all four."""
-    if setup != "disaggregated-sr":
+    if setup not in DISAGGREGATED:
         return {"workers": {"stages": ["encode", "sketch", "render", "decode"], "workers": pools["workers"]}}
+    # (a flex replica's sketch and render steps count toward these pools' busy fractions: job records name the
+    # stage, not which deployment ran it)
     return {"sketch": {"stages": ["sketch"], "workers": pools["sketch"]},
             "render": {"stages": ["render"], "workers": pools["render"]}}
 
@@ -186,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         for gpus in sizes:
             plans = planned_pools(gpus, opts.gpu)
             for setup in setups:
-                plan = plans[setup]
+                plan = plans.get(setup)
+                if plan is None:  # no flex GPU in the best split of this size: the same as disaggregated-sr
+                    continue
                 name = f"{setup}-{gpus}"
                 # With the controller: deployed with it from the start (no rolling update before the load levels),
                 # its target from the earlier run's unloaded p50.

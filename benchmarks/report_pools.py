@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-SETUPS = ("large-only", "colocated-sr", "disaggregated-sr")
+SETUPS = ("large-only", "colocated-sr", "disaggregated-sr", "disaggregated-flex-sr")
 
 
 def _n(x: Any, digits: int = 0) -> str:
@@ -25,7 +25,10 @@ def equal_gpus(p: dict[str, Any]) -> tuple[list[str], list[tuple]]:
              f"{p['request']}. Saturation: a closed loop of {p.get('concurrency_factor', 1.5):g} clients per GPU, "
              "completions between the first and last `clients` left out (fill and drain); 50% and 80% load: Poisson "
              "at that fraction of the setup's own measured saturation. Disaggregated pools at the split of the "
-             "GPUs that the planner's model rates best (Encode and Decode on fractions of render GPUs). Sketch and "
+             "GPUs that the planner's model rates best (Encode and Decode on fractions of render GPUs); "
+             "disaggregated-flex-sr, where that split leaves a remainder, adds flex GPUs (Colocated replicas "
+             "beside the pools, AppArgs.flex: a job runs whole on a free one, else through the pools) at the best "
+             "split with them (`srserve.sim.plan.best_whole_gpu_split`). Sketch and "
              f"Render replicas hold {p.get('stage_queue', 16)} requests each (the rest wait in the caller's router "
              "for the first free replica). Figures in simulated units; `plan` = the planner's pool bound "
              "(min over pools of replicas / mean service seconds).", "",
@@ -50,9 +53,10 @@ def equal_gpus(p: dict[str, Any]) -> tuple[list[str], list[tuple]]:
                      f"({r['plan']['bound_rps'] * 3600:.1f}) | {_n(ratio, 2)} | "
                      f"{' / '.join(f'{v:.2f}' for v in busy.values()) or '-'} | {_n(unloaded)} | {q('load-0.5')} | "
                      f"{q('load-0.8')} | {_n(p99 / unloaded if p99 and unloaded else None, 2)} |")
-        if setup == "disaggregated-sr" and ratio is not None:
+        if setup in ("disaggregated-sr", "disaggregated-flex-sr") and ratio is not None:
             plan_ratio = r["plan"]["bound_rps"] / by[(gpus, "colocated-sr")]["plan"]["bound_rps"]
-            goals.append((f"disaggregated >= 0.97x colocated saturation throughput, {gpus} simulated H100s",
+            what = "disaggregated" if setup == "disaggregated-sr" else "disaggregated with flex GPUs"
+            goals.append((f"{what} >= 0.97x colocated saturation throughput, {gpus} simulated H100s",
                           f"{ratio:.2f}x (the planner's bounds: {plan_ratio:.2f}x)",
                           ratio >= 0.97))
         if sat and r["plan"]["bound_rps"]:

@@ -135,6 +135,70 @@ def test_a_failed_job_leaves_no_checkpoints(tmp_path):
     assert job["status"] == "failed" and artifacts.checkpoints("v1") == []
 
 
+def test_a_job_runs_whole_on_a_free_flex_replica_and_the_rest_go_through_the_pools(tmp_path):
+    """With one flex slot: the first job takes it, the two created while it runs go through the pools, and one
+    created once it is free takes it again; a failing flex call frees its slot too."""
+    from srserve.serving.args import WatchdogOptions
+    from srserve.serving.driver import JobDriver
+
+    store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
+    stages = ScriptedStages(lambda msg: {"artifacts": {"video.mp4": "x"}})
+    release, flexed = asyncio.Event(), []
+
+    class Flex:
+        def remote(self, msg):
+            flexed.append(msg.job_id)
+
+            async def run():
+                await release.wait()
+                if msg.job_id == "v4":
+                    raise RuntimeError("flex replica failed")
+                return {"artifacts": {"video.mp4": "x"}}
+            return FakeResponse(run)
+
+    async def main():
+        driver = JobDriver(FakeStoreHandle(store), stages, "me", WatchdogOptions(interval_s=0.05, lease_s=5.0),
+                           max_retries=0, retry_after_s=0.1, flex=Flex(), flex_slots=1)
+
+        async def run(job_id):
+            new_job(store, job_id)
+            driver.drive(job_id, store.get(job_id))
+            await asyncio.sleep(0.1)
+
+        for job_id in ("v1", "v2", "v3"):
+            await run(job_id)
+        assert flexed == ["v1"] and driver.flex_jobs == 1 and len(stages.chains) == 2
+        release.set()
+        while driver.active:
+            await asyncio.sleep(0.02)
+        assert driver.flex_jobs == 0
+        await run("v4")  # fails on the flex replica: the job fails (no retries here), the slot is free again
+        while driver.active:
+            await asyncio.sleep(0.02)
+        await run("v5")
+        while driver.active:
+            await asyncio.sleep(0.02)
+        assert flexed == ["v1", "v4", "v5"] and driver.flex_jobs == 0
+
+    asyncio.run(main())
+    assert [store.get(j)["status"] for j in ("v1", "v2", "v3", "v4", "v5")] == \
+        ["completed", "completed", "completed", "failed", "completed"]
+
+
+def test_flex_replicas_need_disaggregated_mode_and_fixed_replicas():
+    from pydantic import ValidationError
+
+    from srserve.serving.args import AppArgs
+
+    args = AppArgs.model_validate({"flex": {"num_replicas": 3}, "ingress": {"num_replicas": 2}})
+    assert args.flex_slots() == 1 and args.resources_needed()["colocated_pool"] == 3
+    assert AppArgs.model_validate({}).flex_slots() == 0
+    with pytest.raises(ValidationError, match="mode: disaggregated"):
+        AppArgs.model_validate({"mode": "colocated", "flex": {}})
+    with pytest.raises(ValidationError, match="no autoscaling_config"):
+        AppArgs.model_validate({"flex": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}})
+
+
 # --- cancellation reasons -----------------------------------------------------------------------------------
 def test_a_deleted_job_is_cut_loose_with_the_reason_that_applies():
     from srserve.serving.args import WatchdogOptions

@@ -193,22 +193,27 @@ def test_a_stage_with_no_steps_is_skipped(served, engine):
         assert np.array_equal(served.frames(job["id"]), in_process(engine, job))
 
 
-@pytest.fixture(scope="module")
-def colocated(served):
-    """A second app on the same cluster in colocated mode: each replica holds every role."""
+def side_app(served, name: str, args: dict):
+    """A second app on the same cluster, at /NAME, with its own job store and artifacts."""
     from ray import serve
 
     from srserve.serving import build_app
 
     tmp = served.tmp
-    args = {"mode": "colocated", "colocated": {"pool": None, "max_batch_size": 2},
-            "job_store_path": str(tmp / "colocated-jobs.sqlite"), "artifacts_url": str(tmp / "colocated-artifacts"),
+    args = {**args, "job_store_path": str(tmp / f"{name}-jobs.sqlite"),
+            "artifacts_url": str(tmp / f"{name}-artifacts"),
             "save_frames_npy": True, "limits": {"max_width": 64, "max_height": 64, "max_frames": 33}}
-    serve.run(build_app(args), name=f"{APP}-colocated", route_prefix="/colocated")
+    serve.run(build_app(args), name=f"{APP}-{name}", route_prefix=f"/{name}")
     try:
-        yield Served(f"{served.url}/colocated", tmp)
+        yield Served(f"{served.url}/{name}", tmp)
     finally:
-        serve.delete(f"{APP}-colocated")
+        serve.delete(f"{APP}-{name}")
+
+
+@pytest.fixture(scope="module")
+def colocated(served):
+    """Colocated mode: each replica holds every role."""
+    yield from side_app(served, "colocated", {"mode": "colocated", "colocated": {"pool": None, "max_batch_size": 2}})
 
 
 def test_colocated_mode_runs_the_whole_request_in_one_replica(colocated, engine):
@@ -218,6 +223,25 @@ def test_colocated_mode_runs_the_whole_request_in_one_replica(colocated, engine)
     assert len({s["replica"] for s in job["stages"].values()}) == 1
     assert all(s["handoff"] is None for s in job["stages"].values())  # in memory, no object store
     assert np.array_equal(colocated.frames(job["id"]), in_process(engine, job))
+
+
+@pytest.fixture(scope="module")
+def flexed(served):
+    """Disaggregated pools with one flex replica beside them."""
+    plain = {"pool": None, "graceful_shutdown_timeout_s": 5}
+    yield from side_app(served, "flex", {"sketch": plain, "render": plain, "encode": plain, "decode": plain,
+                                         "flex": {"pool": None}})
+
+
+def test_a_flex_replica_takes_a_whole_job_while_the_pools_take_the_rest(flexed, engine):
+    ids = [flexed.create(seed=20 + i, num_inference_steps=8, switch="step:4") for i in range(3)]
+    jobs = [flexed.finished(i) for i in ids]
+    assert all(j["status"] == "completed" for j in jobs)
+    whole = [j for j in jobs if len({s["replica"] for s in j["stages"].values()}) == 1]
+    assert len(whole) >= 1 and all(s["handoff"] is None for s in whole[0]["stages"].values())  # in memory
+    assert len(whole) < 3  # one flex slot: the jobs created while it was busy went through the pools
+    for job in jobs:
+        assert np.array_equal(flexed.frames(job["id"]), in_process(engine, job))
 
 
 def test_batched_requests_share_forward_passes(served, engine):

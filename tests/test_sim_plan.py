@@ -103,3 +103,18 @@ def test_cli(capsys):
     assert "720p" in text and "colocated-sr" in text and "$/video" in text
     assert cli_main(["plan", "--rate", "0.1", "--slo", "300", "--sketch-gpu", "tpu"]) == 2
     assert "not in the cost table" in capsys.readouterr().err
+
+
+def test_the_whole_gpu_split_follows_the_stage_ratio_and_flex_gpus_take_the_remainder():
+    from srserve.sim.plan import best_whole_gpu_split
+
+    # sketch 80 s, render 32 s, whole request 112 s: the ideal sketch share 0.71 of 8 GPUs is 5.7
+    sizes, rate = best_whole_gpu_split(8, 80.0, 32.0)
+    assert sum(sizes.values()) == 8 and "flex" not in sizes
+    assert rate == pytest.approx(min(sizes["sketch"] / 80, sizes["render"] / 32)) and rate < 0.9 * 8 / 112
+    flexed, with_flex = best_whole_gpu_split(8, 80.0, 32.0, 112.0)
+    assert flexed == {"sketch": 5, "render": 2, "flex": 1} and with_flex >= 0.99 * 8 / 112
+    # a split that follows the ratio exactly wants no flex GPU
+    assert best_whole_gpu_split(7, 80.0, 32.0, 112.0)[0] == {"sketch": 5, "render": 2}
+    with pytest.raises(ValueError, match="at least 2 GPUs"):
+        best_whole_gpu_split(1, 80.0, 32.0)

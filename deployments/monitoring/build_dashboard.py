@@ -112,6 +112,7 @@ def overview(layout: Layout) -> None:
     layout.line(
         timeseries("Jobs in flight", [
             (f"sum(ray_srserve_jobs_in_flight{{{APP}}})", "jobs"),
+            (f"sum(ray_srserve_flex_jobs_in_flight{{{APP}}})", "of them on flex replicas"),
             (f"sum(ray_serve_num_ongoing_http_requests{{{CLUSTER}}})", "HTTP requests at the proxies")]),
         timeseries("Queue wait and time to first progress", [
             *quantiles("ray_srserve_job_queue_seconds", APP),

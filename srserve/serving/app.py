@@ -1,6 +1,7 @@
 """`build_app`: validate `AppArgs`, then wire the deployments by passing handles (as Ray Serve LLM's builders do).
 
     JobStore ─┬─ Encode ─ Sketch ─ Render ─ Decode    (mode: disaggregated; stage replicas report to the store)
+              │  [+ Flex: Colocated replicas beside the pools, taking whole jobs when free]
               │  or Colocated                          (mode: colocated; every role in each replica)
               └─ Ingress (FastAPI; drives each job through the stages by handle)
 
@@ -19,8 +20,9 @@ from srserve.serving.ingress import Ingress
 from srserve.serving.store_deployment import JobStoreDeployment
 from srserve.serving.stages import Decode, Encode, Render, Sketch
 
-DEPLOYMENTS = {"encode": Encode, "sketch": Sketch, "render": Render, "decode": Decode, "colocated": Colocated}
-WITH_ARTIFACTS = ("decode", "colocated")  # the deployments that write videos
+DEPLOYMENTS = {"encode": Encode, "sketch": Sketch, "render": Render, "decode": Decode, "colocated": Colocated,
+               "flex": Colocated}
+WITH_ARTIFACTS = ("decode", "colocated", "flex")  # the deployments that write videos
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
@@ -33,7 +35,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
         logging_config={"enable_access_log": False},
     ).bind(args.job_store_path)
     stages = {}
-    for name, options in args.stages().items():
+    for name, options in [*args.stages().items(), *([("flex", args.flex)] if args.flex else [])]:
         extra = (args.artifacts_url,) if name in WITH_ARTIFACTS else ()
         # The app-level observability options reach each stage through its options.
         observed = {"log_prompts": options.log_prompts or args.log_prompts,

@@ -279,6 +279,10 @@ class AppArgs(BaseModel):
         "disaggregated", description="disaggregated: encode/sketch/render/decode deployments on their pools; "
                                      "colocated: one deployment whose replicas hold every role")
     colocated: ColocatedOptions = Field(default_factory=ColocatedOptions, description="used when mode=colocated")
+    flex: ColocatedOptions | None = Field(
+        None, description="mode=disaggregated: Colocated replicas (each on a GPU that holds both models) beside the "
+                          "pools; a job runs whole on a free one, else through the pools. Whole GPUs split into "
+                          "pools cannot follow a stage ratio such as 5.7 : 2.3; flex GPUs take up the remainder")
     encode: EncodeOptions = Field(default_factory=EncodeOptions)
     sketch: SketchOptions = Field(default_factory=SketchOptions)
     render: RenderOptions = Field(default_factory=RenderOptions)
@@ -311,6 +315,25 @@ class AppArgs(BaseModel):
     slo: SLOOptions | None = Field(None, description="the SLO-driven switch point (a cap on the sketch steps "
                                    "under load); null: no controller, every job runs the switch it resolved to")
 
+    @model_validator(mode="after")
+    def _flex_beside_pools(self) -> "AppArgs":
+        if self.flex is None:
+            return self
+        if self.mode != "disaggregated":
+            raise ValueError("flex: Colocated replicas beside the pools need mode: disaggregated (mode: colocated "
+                             "is all flex)")
+        if self.flex.force_switch is not None or self.flex.autoscaling_config:
+            raise ValueError("flex: runs each job as the pools would (no force_switch) on a fixed number of "
+                             "replicas (no autoscaling_config)")
+        return self
+
+    def flex_slots(self) -> int:
+        """Jobs each ingress replica may place on flex replicas at once: one per flex replica, shared out among
+        the ingress replicas (each counts only its own)."""
+        if self.flex is None:
+            return 0
+        return max(1, self.flex.num_replicas // max(1, self.ingress.num_replicas))
+
     @field_validator("model", mode="before")
     @classmethod
     def _bundled_when_null(cls, value: Any) -> Any:
@@ -335,7 +358,7 @@ class AppArgs(BaseModel):
     def resources_needed(self) -> dict[str, float]:
         """Custom resources the whole app needs at its configured replica counts (for a local cluster)."""
         total: dict[str, float] = {}
-        for options in self.stages().values():
+        for options in [*self.stages().values(), *([self.flex] if self.flex else [])]:
             replicas = options.num_replicas
             if options.autoscaling_config:
                 replicas = int(options.autoscaling_config.get("max_replicas", replicas))

@@ -74,8 +74,12 @@ class JobDriver:
     def __init__(self, store: Any, stages: dict[str, Any], owner: str, watchdog: WatchdogOptions,
                  max_retries: int, retry_after_s: float, on_cancelled: Any = None,
                  metrics: JobMetrics | None = None, artifacts: Any = None,
-                 on_completed: Callable[[str, int, dict[str, Any]], Any] | None = None) -> None:
+                 on_completed: Callable[[str, int, dict[str, Any]], Any] | None = None,
+                 flex: Any = None, flex_slots: int = 0) -> None:
         self.store, self.stages, self.owner = store, stages, owner
+        # Flex replicas (Colocated, beside the pools): a job runs whole on one while this driver has fewer than
+        # `flex_slots` jobs there; the rest go through the pools.
+        self.flex, self.flex_slots, self.flex_jobs = flex, flex_slots if flex is not None else 0, 0
         self.metrics = metrics if metrics is not None else JobMetrics("other")
         self.watchdog, self.max_retries, self.retry_after_s = watchdog, max_retries, retry_after_s
         self.on_cancelled = on_cancelled  # async callable(job_id): clean up a cancelled job's artifacts
@@ -176,9 +180,9 @@ class JobDriver:
         msg = replace(msg, resume_from=await self._resume_point(job_id, attempt, msg.request))
         abort = asyncio.get_running_loop().create_future()
         self._aborts[job_id] = abort
-        responses = self._submit(msg)
+        responses, on_flex = self._submit(msg)
         try:
-            result = await self._wait(responses, abort)
+            result = await self._wait(responses, abort, on_flex)
         except Superseded:
             return False
         except BackPressureError:  # a stage queue is full: not the job's fault, try again shortly
@@ -252,26 +256,38 @@ class JobDriver:
         except Exception as err:  # an observer's failure is not the job's
             logger.warning("on_completed for job %s failed: %s", job_id, describe(err))
 
-    def _submit(self, msg: StageMessage) -> list[Any]:
-        """Chain the stages by handle: each gets the previous one's response, i.e. an object reference."""
+    def _submit(self, msg: StageMessage) -> tuple[list[Any], bool]:
+        """(the calls, whether on a flex replica). A job starting from scratch runs whole on a flex replica when
+        this driver has a flex slot free; otherwise the stages are chained by handle, each getting the previous
+        one's response, i.e. an object reference."""
+        if self.flex_jobs < self.flex_slots and not msg.resume_from:
+            self.flex_jobs += 1
+            self.metrics.set_flex_in_flight(self.flex_jobs)
+            return [self.flex.remote(msg)], True
         responses, previous = [], msg
         for name in resume_chain(stages_with_work(list(self.stages), msg.request), msg.resume_from):
             previous = self.stages[name].remote(previous)
             responses.append(previous)
-        return responses
+        return responses, False
 
-    async def _wait(self, responses: list[Any], abort: asyncio.Future) -> Any:
-        """Decode's result, unless the watchdog aborts first (then every call of the chain is cancelled)."""
+    async def _wait(self, responses: list[Any], abort: asyncio.Future, on_flex: bool = False) -> Any:
+        """Decode's result, unless the watchdog aborts first (then every call of the chain is cancelled). A flex
+        slot is free again once the call has ended either way."""
         async def result() -> Any:
             return await responses[-1]
 
         task = asyncio.ensure_future(result())
-        done, _ = await asyncio.wait({task, abort}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        await cancel_all(responses)
-        raise abort.exception()
+        try:
+            done, _ = await asyncio.wait({task, abort}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            await cancel_all(responses)
+            raise abort.exception()
+        finally:
+            if on_flex:
+                self.flex_jobs -= 1
+                self.metrics.set_flex_in_flight(self.flex_jobs)
 
     async def _cancelled(self, job_id: str) -> None:
         if self.on_cancelled is not None:

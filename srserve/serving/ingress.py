@@ -107,7 +107,8 @@ class _Content:
 @serve.ingress()
 class Ingress(HandoffProbe):
     async def __init__(self, store: Any, stages: dict[str, Any], args: dict[str, Any]) -> None:
-        """`stages`: the handles a job goes through, in order (encode, sketch, render, decode; or colocated)."""
+        """`stages`: the handles a job goes through, in order (encode, sketch, render, decode; or colocated), and
+        "flex" when the app has flex replicas beside the pools."""
         self.args = AppArgs.model_validate(args)
         self.model = model_info(self.args)
         # Read once here: the args object does no I/O. None: no keys, every caller is ANONYMOUS.
@@ -123,10 +124,12 @@ class Ingress(HandoffProbe):
         self.artifacts = ArtifactStore(self.args.artifacts_url)
         # By reference: a stage's response reaches the next stage as an object ref, never resolved here.
         stages = {name: handle.options(_by_reference=True) for name, handle in stages.items()}
+        flex = stages.pop("flex", None)
         self.owner = serve.get_replica_context().replica_id.unique_id
         self.driver = JobDriver(store, stages, self.owner, self.args.watchdog, self.args.max_retries,
                                 self.args.retry_after_s, on_cancelled=self._drop_artifacts, metrics=self.jobs,
-                                on_completed=self._on_completed, artifacts=self.artifacts)
+                                on_completed=self._on_completed, artifacts=self.artifacts,
+                                flex=flex, flex_slots=self.args.flex_slots())
         self.driver.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
         self._slo_ticker = asyncio.get_running_loop().create_task(self._slo_loop()) if self.switch_cap else None

@@ -43,7 +43,8 @@ Where each call goes (one object per replica, made in its `__init__`, after Serv
   - `jm.ended(status, reason, policy, seconds)` once per job at any other terminal state the driver reaches
     (failed: timeout, retries_exhausted or the error's class; cancelled). Jobs ended by the store itself while no
     driver held them (`claim_orphans`, `begin_attempt` of a job cancelled between attempts) are not counted.
-  - `jm.set_in_flight(n)` whenever the driver's set of active jobs changes.
+  - `jm.set_in_flight(n)` whenever the driver's set of active jobs changes; `jm.set_flex_in_flight(n)` whenever
+    its count of jobs on flex replicas does (AppArgs.flex).
   - `jm.set_slo(slo.gauges(state))` after each tick of the ingress's SLO controller (AppArgs.slo; switch_cap.py).
 - `StoreMetrics()`: `with st.timed(op): ...` around each job-store operation, in JobStoreDeployment's wrapper.
 - GPU gauges: `srserve.serving.gpu.start_gpu_sampler(pool)` once per stage replica (`_Stage.__init__`, pool = the
@@ -113,6 +114,8 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     _m("jobs_created", "counter", "Jobs admitted.", _JOB),
     _m("jobs_ended", "counter", "Jobs that reached a terminal state.", ("model", "status", "reason")),
     _m("jobs_in_flight", "gauge", "Jobs this driver replica is running.", ("model",)),
+    _m("flex_jobs_in_flight", "gauge", "Jobs this driver replica runs on flex replicas (whole, beside the pools).",
+       ("model",)),
     _m("admission_refusals", "counter", "Requests refused at admission.", ("model", "reason")),
     _m("job_retries", "counter", "Job attempts retried.", ("model", "reason")),
     _m("job_seconds", "histogram", "Seconds from creation to the terminal state.", _JOB + ("status",),
@@ -315,6 +318,9 @@ class JobMetrics:
 
     def set_in_flight(self, jobs: int) -> None:
         record("srserve_jobs_in_flight", jobs, {"model": self.model})
+
+    def set_flex_in_flight(self, jobs: int) -> None:
+        record("srserve_flex_jobs_in_flight", jobs, {"model": self.model})
 
     def set_slo(self, gauges: Mapping[str, float]) -> None:
         """The SLO controller's state (`srserve.control.slo.gauges`), after each of its ticks."""

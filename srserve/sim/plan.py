@@ -212,6 +212,25 @@ class Planner:
         return plan
 
 
+def best_whole_gpu_split(gpus: int, sketch_s: float, render_s: float,
+                         colocated_s: float | None = None) -> tuple[dict[str, int], float]:
+    """(pool sizes, requests/s) of the split of `gpus` whole GPUs into a sketch pool and a render pool (each
+    charged its mean seconds per request) with the highest pool-bound throughput, min(s / sketch_s, r / render_s).
+    With `colocated_s` (a whole request on one GPU holding both models), also `flex` GPUs that run whole requests
+    beside the pools: + f / colocated_s. Whole GPUs cannot follow a stage ratio such as 5.7 : 2.3; a flex GPU takes
+    up the remainder. Ties go to fewer flex GPUs."""
+    if gpus < 2:
+        raise ValueError(f"a sketch and a render pool need at least 2 GPUs, got {gpus}")
+    best: tuple[dict[str, int], float] | None = None
+    for flex in range(0, gpus - 1 if colocated_s else 1):
+        for sketch in range(1, gpus - flex):
+            render = gpus - flex - sketch
+            rate = min(sketch / sketch_s, render / render_s) + (flex / colocated_s if flex else 0.0)
+            if best is None or rate > best[1] * (1 + 1e-9):
+                best = ({"sketch": sketch, "render": render, **({"flex": flex} if flex else {})}, rate)
+    return best
+
+
 def _mean(services: Sequence[tuple[float, float]]) -> float:
     return sum(s * p for s, p in services)
 
