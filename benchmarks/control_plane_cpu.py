@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_metrics import cpu_cores, cpu_snapshot  # noqa: E402
+from serving_metrics import cpu_cores, cpu_role, cpu_snapshot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("a red circle moving right", "a blue square moving up", "a green triangle moving left",
@@ -82,6 +83,32 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> No
     raise TimeoutError("server not ready")
 
 
+PROFILED = ("replica Ingress", "replica JobStore")
+
+
+def start_profilers(out: Path) -> list[subprocess.Popen]:
+    """py-spy on the Ingress and JobStore replicas: collapsed stacks of the thread holding the GIL (Python CPU),
+    one file each. py-spy's sampling slows them: a profiled run's CPU figures are not clean."""
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for pid, (cmd, _) in cpu_snapshot().items():
+        role = cpu_role(cmd, pid, os.getpid())
+        if role in PROFILED:
+            path = out / f"{role.split()[-1]}.txt"
+            cmd = ["py-spy", "record", "--gil", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                   "--output", str(path)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # attached before the load starts
+    return procs
+
+
+def stop_profilers(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    for proc in procs:
+        proc.wait(60)
+
+
 def run_once(code: Path, workdir: Path, opts: argparse.Namespace) -> dict[str, Any]:
     """Start `srserve serve` on the local config with the code at `code`, run the load, return CPU per request."""
     port = free_port()
@@ -105,10 +132,12 @@ def run_once(code: Path, workdir: Path, opts: argparse.Namespace) -> dict[str, A
         idle_before, idle_began = cpu_snapshot(), time.monotonic()
         time.sleep(opts.idle_s)
         idle = cpu_cores(idle_before, cpu_snapshot(), time.monotonic() - idle_began, os.getpid())
+        profilers = start_profilers(Path(opts.profile) / workdir.name) if opts.profile else []
         before, began = cpu_snapshot(), time.monotonic()
         results = asyncio.run(load(url, opts.requests, opts.concurrency, opts.poll_s))
         seconds = time.monotonic() - began
         after = cpu_snapshot()
+        stop_profilers(profilers)
     finally:
         proc.terminate()
         try:
@@ -141,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-s", type=float, default=10.0, help="seconds of idle floor measured before the load")
     parser.add_argument("--baseline", default=None, help="git commit to measure alongside (e.g. 8b74458)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, help="directory: py-spy the Ingress and JobStore replicas during "
+                        "the load (collapsed stacks; py-spy on PATH); the CPU figures of such a run are not clean")
     opts = parser.parse_args(argv)
     codes = {"current": ROOT}
     with tempfile.TemporaryDirectory(prefix="srserve-cpcpu-") as tmp:
