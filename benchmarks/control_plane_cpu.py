@@ -91,13 +91,12 @@ def start_profilers(out: Path) -> list[subprocess.Popen]:
     one file each. py-spy's sampling slows them: a profiled run's CPU figures are not clean."""
     out.mkdir(parents=True, exist_ok=True)
     procs = []
-    for pid, (cmd, _) in cpu_snapshot().items():
-        role = cpu_role(cmd, pid, os.getpid())
+    for pid, (command_line, _) in cpu_snapshot().items():
+        role = cpu_role(command_line, pid, os.getpid())
         if role in PROFILED:
-            path = out / f"{role.split()[-1]}.txt"
-            cmd = ["py-spy", "record", "--gil", "--pid", str(pid), "--format", "raw", "--rate", "200",
-                   "--output", str(path)]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            spy = ["py-spy", "record", "--gil", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                   "--output", str(out / f"{role.split()[-1]}.txt")]
+            procs.append(subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # attached before the load starts
     return procs
 

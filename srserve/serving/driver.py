@@ -102,7 +102,9 @@ class JobDriver:
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
-        # The flex gauge exists from the start (0 without flex replicas): a dashboard panel shows 0, not "no data".
+        # The in-flight gauges exist from the start (0 on an idle app, or one without flex replicas): their
+        # dashboard panels show 0, not "no data".
+        self.metrics.set_in_flight(len(self._tasks))
         self.metrics.set_flex_in_flight(self.flex_jobs)
         self._loop_task = asyncio.get_running_loop().create_task(self._watch_loop())
 
