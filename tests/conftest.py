@@ -10,6 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+# The Ray Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), before anything imports Ray
+# or starts a cluster: the suite tests the mode that serves.
+from srserve.serving.serve_env import apply_serve_env, free_haproxy_ports  # noqa: E402
+
+apply_serve_env()
+free_haproxy_ports()
+
 
 @pytest.fixture(scope="session")
 def wan_unipc_dir(tmp_path_factory):

@@ -19,8 +19,9 @@ from srserve.serving.prom import PrometheusServer
 pytestmark = pytest.mark.slow
 
 
-def listening_addresses(root_pid: int) -> set[str]:
-    """Local addresses of the TCP sockets listening in `root_pid` and its descendants (from /proc)."""
+def listening_addresses(root_pid: int) -> dict[str, str]:
+    """Local addresses (hex, as /proc writes them) of the TCP sockets listening in `root_pid` and its descendants,
+    each with the name of the process that holds it (from /proc)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -33,21 +34,25 @@ def listening_addresses(root_pid: int) -> set[str]:
         pid = todo.pop()
         pids.add(pid)
         todo.extend(children.get(pid, []))
-    inodes = set()
+    inodes: dict[str, str] = {}
     for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
         for fd in Path(f"/proc/{pid}/fd").glob("*"):
             try:
                 target = fd.readlink().as_posix()
             except OSError:
                 continue
             if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    found = set()
+                inodes[target[8:-1]] = name
+    found = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             cols = line.split()
             if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
-                found.add(cols[1])
+                found[cols[1]] = inodes[cols[9]]
     return found
 
 
@@ -102,6 +107,8 @@ def test_serve_main_runs_the_local_config_and_stops_on_sigterm(tmp_path):
         # Issue 11 point 9: Ray (GCS, raylet, workers, replicas' gRPC) and its metrics listen on loopback only.
         listening = listening_addresses(proc.pid)
         assert len(listening) > 5 and all(is_loopback(a) for a in listening), sorted(listening)
+        # Serve's throughput mode (srserve/serving/serve_env.py): HAProxy, not a Python proxy, holds the HTTP port.
+        assert {name for address, name in listening.items() if address.endswith(f":{port:04X}")} == {"haproxy"}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             assert http.get("/healthz").json() == {"status": "ok"}
             video = http.post("/v1/videos", json={"prompt": "a red circle moving right",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -96,6 +97,29 @@ def bind_replica_servers_to_loopback() -> None:
         return bind(server, address.replace("[::]", "127.0.0.1", 1) if address.startswith("[::]") else address)
 
     replica.add_port_to_grpc_server = bind_loopback
+    bind_haproxy_to_loopback()
+
+
+# HAProxy's Prometheus exporter and stats page bind every interface in Ray 2.60's config template (no option).
+HAPROXY_BINDS = {"bind :{{ config.metrics_port }}": "bind 127.0.0.1:{{ config.metrics_port }}",
+                 "bind *:{{ config.stats_port }}": "bind 127.0.0.1:{{ config.stats_port }}"}
+
+
+def bind_haproxy_to_loopback() -> None:
+    """In the process that writes HAProxy's config (the proxy actor): its metrics and stats listeners on loopback,
+    like the rest of a loopback-only cluster. A template that no longer has these lines is left as it is, said."""
+    try:
+        from ray.serve._private import haproxy
+    except ImportError:  # a Ray without HAProxy support: nothing binds
+        return
+    template = haproxy.HAPROXY_CONFIG_TEMPLATE
+    for public, loopback in HAPROXY_BINDS.items():
+        if public in template:
+            template = template.replace(public, loopback)
+        elif loopback not in template:
+            logging.getLogger("ray.serve").warning("HAProxy's config template has no %r: not bound to loopback",
+                                                   public)
+    haproxy.HAPROXY_CONFIG_TEMPLATE = template
 
 
 LOOPBACK_HOOK = f"{__name__}.bind_replica_servers_to_loopback"
@@ -264,10 +288,13 @@ def serve_main(argv: list[str] | None = None) -> int:
             print(f"srserve serve --prometheus: {MISSING_PROMETHEUS}", file=sys.stderr)
             return 2
 
-    # Serve's replicas and routers flush their cached metrics every 100 ms by default: a 10 Hz loop in every
-    # process that costs the control plane ~5 ms of CPU per second per replica here. Once a second is plenty for
-    # a 15 s Prometheus scrape. Set before Ray starts, so the local cluster's workers inherit it.
-    os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
+    # Serve's throughput-optimized mode behind HAProxy (serve_env.py), set before Ray starts, so that the local
+    # cluster's workers inherit it.
+    from srserve.serving.serve_env import apply_serve_env, free_haproxy_ports
+
+    apply_serve_env()
+    if not opts.address:
+        free_haproxy_ports()
     import ray
     from ray import serve
 
