@@ -111,7 +111,8 @@ def stop_profilers(procs: list[subprocess.Popen]) -> None:
 def run_once(code: Path, workdir: Path, opts: argparse.Namespace) -> dict[str, Any]:
     """Start `srserve serve` on the local config with the code at `code`, run the load, return CPU per request."""
     port = free_port()
-    config = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
+    # Each code's own local config: an older AppArgs refuses fields added since.
+    config = yaml.safe_load((code / "deployments" / "local.yaml").read_text())
     args = config["applications"][0]["args"]
     args["job_store_path"] = str(workdir / "jobs.sqlite")
     args["artifacts_url"] = str(workdir / "artifacts")
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("jobstore_ms", "ingress_ms", "control_plane_ms", "jobstore_marginal_ms", "ingress_marginal_ms",
             "control_plane_marginal_ms")
     summary = {name: {key: spread([r[key] for r in rs]) for key in keys} for name, rs in runs.items()}
-    out = {"setting": vars(opts), "summary": summary, "runs": runs, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip()
+    out = {"setting": {**vars(opts), "commit": commit or None}, "summary": summary, "runs": runs, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "cpus": os.cpu_count()}
     print(json.dumps(summary, indent=1))
     if opts.out:

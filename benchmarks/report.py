@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     cp, hb, cc = (load(out / n) for n in ("control_plane_cpu.json", "hop_bytes.json", "cache_compare.json"))
     before = load(out / "before-lean" / "serving.json")
     if cp:
-        lines, g = control_plane_section(cp)
+        lines, g = control_plane_section(cp, load(out / "control_plane_cpu_serve_mode.json"))
         body += lines
         goals += g
     if hb:

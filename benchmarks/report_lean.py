@@ -13,7 +13,20 @@ def _mmm(s: dict | None, digits: int = 1) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
-def control_plane_section(cp: dict[str, Any]) -> tuple[list[str], list[tuple]]:
+def _cpu_table(cp: dict[str, Any]) -> list[str]:
+    lines = ["| code | JobStore raw | Ingress raw | both raw | JobStore marginal | Ingress marginal | both marginal |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in cp["summary"].items():
+        code = f"{name} (`{cp['setting']['baseline']}`)" if name == "baseline" else name
+        lines.append(f"| {code} | {_mmm(s['jobstore_ms'])} | {_mmm(s['ingress_ms'])} | {_mmm(s['control_plane_ms'])} "
+                     f"| {_mmm(s['jobstore_marginal_ms'])} | {_mmm(s['ingress_marginal_ms'])} "
+                     f"| {_mmm(s['control_plane_marginal_ms'])} |")
+    return lines
+
+
+def control_plane_section(cp: dict[str, Any], serve_mode: dict[str, Any] | None = None
+                          ) -> tuple[list[str], list[tuple]]:
+    """`serve_mode`: a second run of the benchmark against the commit before Serve's throughput mode."""
     st, opts = cp["summary"], cp["setting"]
     lines = ["## Control plane: CPU per request", "",
              f"`benchmarks/control_plane_cpu.py`: `srserve serve deployments/local.yaml` (srd-tiny on CPU, one "
@@ -24,12 +37,13 @@ def control_plane_section(cp: dict[str, Any]) -> tuple[list[str], list[tuple]]:
              f"server for {opts['idle_s']:g} s before the load, and *marginal* = raw minus floor x duration / "
              f"requests. {opts['repeats']} repeats, the current code and the baseline (commit "
              f"`{opts.get('baseline') or '-'}`) alternating in one run; ms per request, median [min, max].", "",
-             "| code | JobStore raw | Ingress raw | both raw | JobStore marginal | Ingress marginal | both marginal |",
-             "|---|---|---|---|---|---|---|"]
-    for name, s in st.items():
-        lines.append(f"| {name} | {_mmm(s['jobstore_ms'])} | {_mmm(s['ingress_ms'])} | {_mmm(s['control_plane_ms'])} "
-                     f"| {_mmm(s['jobstore_marginal_ms'])} | {_mmm(s['ingress_marginal_ms'])} "
-                     f"| {_mmm(s['control_plane_marginal_ms'])} |")
+             *_cpu_table(cp)]
+    if serve_mode:
+        lines += ["", f"Serve's throughput mode alone (`srserve/serving/serve_env.py`: HAProxy in front, the "
+                      f"Ingress serving HTTP itself, JobStore calls over gRPC): a second run of the same load, the "
+                      f"code with it (`{serve_mode['setting'].get('commit') or 'current'}`) against "
+                      f"`{serve_mode['setting']['baseline']}`, the code just before it, "
+                      f"{serve_mode['setting']['repeats']} repeats alternating:", "", *_cpu_table(serve_mode)]
     floors = {name: rs[0]["idle_ms_per_s"] for name, rs in cp["runs"].items()}
     for name, f in floors.items():
         parts = ", ".join(f"{k.replace('replica ', '')} {v:.1f}" for k, v in sorted(f.items()) if v >= 1.0)
@@ -41,7 +55,10 @@ def control_plane_section(cp: dict[str, Any]) -> tuple[list[str], list[tuple]]:
               "jobs an ingress drives are answered from its last watchdog round; the job's first attempt begins "
               "in the `create` call; the store's methods run on its event loop; Serve's metrics flush once a "
               "second, not ten times (`RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000`, set by `srserve serve` and the "
-              "k8s manifests).", ""]
+              "k8s manifests); `srserve serve` runs Serve's throughput mode behind HAProxy, so a status poll costs "
+              "the Ingress a uvicorn request instead of a proxy hop plus a handle call, and a store call goes over "
+              "gRPC; `complete_and_get` hands the driver the final record, so a client's last polls read no "
+              "store.", ""]
     goals = []
     if "current" in st:
         m, raw = st["current"]["control_plane_marginal_ms"]["median"], st["current"]["control_plane_ms"]["median"]

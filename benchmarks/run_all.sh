@@ -9,6 +9,7 @@
 # CACHE_VIDEOS (32), CPU_REPEATS (3), FAIRNESS_REPEATS (2; ~12 min each), SERVING_ARGS (extra flags for
 # serving_compare.py, e.g. "--repeats 1").
 # Writes under benchmarks/results/: sr_speedup.json, quality.json, hop_bytes.json, control_plane_cpu.json,
+# control_plane_cpu_serve_mode.json,
 # cache_compare.json, serving.json (+ serving_records.jsonl, every request with its job record), fairness.json/.md,
 # faults.json/.md, run_all.json
 # (wall time of each step), REPORT.md and its PNG plots. before-lean/ keeps the serving run before the lean path.
@@ -54,6 +55,9 @@ step hop_bytes "$PY" benchmarks/hop_bytes.py --out "$OUT/hop_bytes.json"
 # The control plane's CPU per request, the current code against the commit before the lean path, alternating.
 step control_plane "$PY" benchmarks/control_plane_cpu.py --repeats "${CPU_REPEATS:-3}" --baseline 8b74458 \
     --out "$OUT/control_plane_cpu.json"
+# Serve's throughput mode alone: the same against the commit just before it.
+step control_plane_serve_mode "$PY" benchmarks/control_plane_cpu.py --repeats "${CPU_REPEATS:-3}" --baseline 4cb43a0 \
+    --out "$OUT/control_plane_cpu_serve_mode.json"
 step caches "$PY" benchmarks/cache_compare.py "${MODEL_ARGS[@]}" --videos "${CACHE_VIDEOS:-32}" \
     --out "$OUT/cache_compare.json"
 step serving "$PY" benchmarks/serving_compare.py "${MODEL_ARGS[@]}" --time-budget 1800 "${SERVING_EXTRA[@]}" --out "$OUT/serving.json"

@@ -113,6 +113,39 @@ def test_a_retry_resumes_after_the_last_checkpoint_and_the_end_removes_them(tmp_
     assert artifacts.checkpoints("v1") == []  # gone once the job completed
 
 
+def test_a_completed_job_is_answered_from_the_driver_without_another_store_read(tmp_path):
+    """The final record comes back with `complete_and_get`: the client's last polls cost no store call."""
+    from srserve.serving.args import WatchdogOptions
+    from srserve.serving.driver import JobDriver
+
+    store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
+    new_job(store, "v1")
+    ops = []
+
+    class CountingHandle(FakeStoreHandle):
+        def __getattr__(self, name):
+            ops.append(name)
+            return super().__getattr__(name)
+
+    stages = ScriptedStages(lambda msg: {"artifacts": {"video.mp4": "x"}, "switch_step": 4})
+
+    async def main():
+        driver = JobDriver(CountingHandle(store), stages, "me", WatchdogOptions(interval_s=10.0, lease_s=30.0),
+                           max_retries=2, retry_after_s=0.1)
+        driver.start()
+        driver.drive("v1", store.get("v1"))
+        while driver.active:
+            await asyncio.sleep(0.01)
+        seen = driver.view("v1")
+        await driver.stop()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen is not None and seen["status"] == "completed" and seen["artifacts"] == {"video.mp4": "x"}
+    assert seen == store.get("v1")
+    assert "get" not in ops and ops.count("complete_and_get") == 1, ops
+
+
 def test_a_checkpoint_that_cannot_be_loaded_starts_the_job_over_without_spending_a_retry(tmp_path):
     def outcome(msg):
         if msg.attempt == 1:

@@ -327,3 +327,13 @@ def test_a_job_past_its_own_deadline_fails_with_timeout(tmp_path):
     job = store.get("v1")
     assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
     assert "0.5s" in job["error"]["message"] and stages.submitted == [1]
+
+
+def test_complete_and_get_returns_the_final_record_only_when_it_completed(store):
+    new_job(store, "v1")
+    store.begin_attempt("v1", "ingress-a", 30.0)
+    assert store.complete_and_get("v1", 2, {"artifacts": {}}) == ("stale", None)  # not the current attempt
+    outcome, record = store.complete_and_get("v1", 1, {"artifacts": {"video.mp4": "v1/video.mp4"}})
+    assert outcome == "completed" and record == store.get("v1")
+    assert record["status"] == "completed" and record["artifacts"] == {"video.mp4": "v1/video.mp4"}
+    assert store.complete_and_get("v1", 1, {"artifacts": {}}) == ("stale", None)  # already terminal

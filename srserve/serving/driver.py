@@ -226,13 +226,13 @@ class JobDriver:
             elif verdict == "failed":
                 await self._drop_checkpoints(job_id)
             return verdict == "retry"
-        outcome = await call(self.store, "complete", job_id, attempt, result)
+        outcome, final = await call(self.store, "complete_and_get", job_id, attempt, result)
         if outcome == "deleted":
             ended("cancelled", "cancelled")
             await self._cancelled(job_id)  # deleted while finishing: drop what Decode wrote
         elif outcome == "completed":
             self.metrics.completed(policy, created_at, result)
-            self._finished[job_id] = (time.monotonic(), None)  # the next read fetches the final record once
+            self._finished[job_id] = (time.monotonic(), final)  # the client's last polls read it from here
             await self._drop_checkpoints(job_id)  # a completed job keeps only its video variants
             await self._completed(job_id, attempt, result)
         return False

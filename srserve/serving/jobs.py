@@ -266,6 +266,12 @@ class SQLiteJobStore:
 
         return self._edit(job_id, complete, missing="stale")
 
+    def complete_and_get(self, job_id: str, attempt: int, result: dict[str, Any]) -> tuple[str, dict | None]:
+        """`complete`, and the final record when the job completed (else None): the driver answers the client's
+        last polls from it, one store call where `complete` then `get` were two."""
+        outcome = self.complete(job_id, attempt, result)
+        return outcome, self.get(job_id) if outcome == "completed" else None
+
     def mark_cancelled(self, job_id: str, reason: str = "cancelled") -> bool:
         """Record a requested cancellation as done; False (no change) when none was requested."""
         def cancel(job: JobRecord) -> Any:

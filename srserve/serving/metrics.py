@@ -81,8 +81,8 @@ FAILURE_REASONS = ("none", "cancelled", "replica_lost", "stalled", "timeout", "o
                    "lease_expired", "invalid", "error")
 REFUSAL_REASONS = ("queue_full", "quota", "deadline", "not_ready", "too_large", "invalid")
 STORE_OPS = ("ping", "get", "list", "create", "begin_attempt", "renew", "watch", "claim_orphans", "retry_or_fail",
-             "fail", "complete", "mark_cancelled", "delete", "report", "stage_started", "heartbeat",
-             "stage_finished", "expired", "purge")  # SQLiteJobStore's public methods
+             "fail", "complete", "complete_and_get", "mark_cancelled", "delete", "report", "stage_started",
+             "heartbeat", "stage_finished", "expired", "purge")  # SQLiteJobStore's public methods
 PHASES = {"serialize_s": "serialize", "transit_s": "transit", "deserialize_s": "deserialize"}
 EMBEDDINGS_HOP = "encode->{dst}:embeddings"  # the prompt embeddings, fetched by reference (phase "fetch")
 OTHER = "other"
