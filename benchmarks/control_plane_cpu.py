@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: {key: spread([r[key] for r in rs]) for key in keys} for name, rs in runs.items()}
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip()
-    out = {"setting": {**vars(opts), "commit": commit or None}, "summary": summary, "runs": runs, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    out = {"setting": {**vars(opts), "commit": commit or None}, "summary": summary, "runs": runs,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "cpus": os.cpu_count()}
     print(json.dumps(summary, indent=1))
     if opts.out:

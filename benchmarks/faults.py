@@ -77,13 +77,13 @@ def start_server(args: dict[str, Any], num_cpus: float | None) -> str:
 
     resources = pool_resources({"applications": [{"import_path": "srserve.serving:build_app", "args": args}]})
     with loopback_node(True):
-        # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), before Ray starts.
-        from srserve.serving.serve_env import apply_serve_env, free_haproxy_ports
+        # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), for the processes Ray
+        # starts next.
+        from srserve.serving.serve_env import apply_serve_env, local_cluster_options
 
         apply_serve_env()
-        free_haproxy_ports()
         ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, **local_cluster_options())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

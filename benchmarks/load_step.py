@@ -242,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="srserve-load-step-"))
     model = str(write_sim_checkpoint(work / "model", SimSpec(time_factor=opts.time_factor)))
     quality_rows = json.loads(QUALITY.read_text())["rows"] if QUALITY.exists() else []
-    # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), before Ray starts.
-    from srserve.serving.serve_env import apply_serve_env, free_haproxy_ports
+    # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), for the processes Ray
+    # starts next.
+    from srserve.serving.serve_env import apply_serve_env, local_cluster_options
 
     apply_serve_env()
-    free_haproxy_ports()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              resources={"sketch_pool": max(opts.sketch_max, opts.sketch_fixed),
-                        "render_pool": max(opts.render_max, opts.render_fixed) + 2})
+                        "render_pool": max(opts.render_max, opts.render_fixed) + 2},
+             **local_cluster_options())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     setups: dict[str, Any] = {}

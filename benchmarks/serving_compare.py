@@ -222,13 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="srserve-compare-"))
     resources = {"large_pool": opts.workers, "colocated_pool": opts.workers,
                  "sketch_pool": split["sketch_workers"], "render_pool": split["render_workers"]}
-    # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), before Ray starts.
-    from srserve.serving.serve_env import apply_serve_env, free_haproxy_ports
+    # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), for the processes Ray
+    # starts next.
+    from srserve.serving.serve_env import apply_serve_env, local_cluster_options
 
     apply_serve_env()
-    free_haproxy_ports()
     ray.init(address="local", num_cpus=opts.workers, num_gpus=1 if opts.device != "cpu" else 0,
-             resources=resources, include_dashboard=False, log_to_driver=False)  # a new cluster, never another's
+             resources=resources, include_dashboard=False, log_to_driver=False,
+             **local_cluster_options())  # a new cluster, never another's
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"

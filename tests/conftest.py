@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random-weight models saved to temp dirs and loaded through the real loaders."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 
 import pytest
 
@@ -12,10 +14,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # The Ray Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), before anything imports Ray
 # or starts a cluster: the suite tests the mode that serves.
-from srserve.serving.serve_env import apply_serve_env, free_haproxy_ports  # noqa: E402
+from srserve.serving.serve_env import apply_serve_env, local_cluster_options, local_haproxy  # noqa: E402
 
 apply_serve_env()
-free_haproxy_ports()
+_haproxy_dir = local_haproxy()  # one private directory for every cluster of the session, removed at exit
+if _haproxy_dir:
+    atexit.register(shutil.rmtree, _haproxy_dir, True)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +45,7 @@ def ray_local():
         yield ray
         return
     ray.init(num_cpus=2, include_dashboard=False, resources={"sketch_pool": 1, "render_pool": 1},
-             log_to_driver=False)
+             log_to_driver=False, **local_cluster_options())
     yield ray
     ray.shutdown()
 

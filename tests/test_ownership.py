@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from srserve.serving.serve_env import local_cluster_options
+
 from srserve.api.auth import ANONYMOUS, Caller
 from srserve.serving.job_record import public_record, reason, short_message
 from srserve.serving.jobs import SQLiteJobStore
@@ -157,7 +159,7 @@ def test_other_keys_see_nothing_and_admins_see_all(tmp_path):
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, resources={"sketch_pool": 1, "render_pool": 1}, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, **local_cluster_options())
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -20,11 +20,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 # The child: a one-node Ray cluster whose metrics agent listens on loopback at a given port, and one actor that
 # records metrics; it prints "ready" and lives until its stdin closes.
 CHILD = """
+import socket
 import sys
 import ray
+from srserve.serving.serve_env import local_cluster_options
 
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _metrics_export_port=int(sys.argv[1]),
-         _system_config={"metrics_report_interval_ms": 500})
+         _system_config={"metrics_report_interval_ms": 500}, **local_cluster_options())
 
 @ray.remote(num_cpus=0)
 class Emitter:
@@ -44,6 +46,11 @@ emitter = Emitter.remote()
 backend = ray.get(emitter.emit.remote())
 if "--serve" in sys.argv:  # the same through a Serve replica, where Ray adds application/deployment/replica
     from ray import serve
+
+    with socket.socket() as s:  # HTTP on loopback: with HAProxy on, Serve's default host is every interface
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class Probe:

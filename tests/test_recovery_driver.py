@@ -146,6 +146,17 @@ def test_a_completed_job_is_answered_from_the_driver_without_another_store_read(
     assert "get" not in ops and ops.count("complete_and_get") == 1, ops
 
 
+def test_completed_records_nobody_reads_again_are_forgotten_after_their_ttl():
+    from srserve.serving.args import WatchdogOptions
+    from srserve.serving.driver import FINISHED_TTL_S, JobDriver
+
+    driver = JobDriver(None, {}, "me", WatchdogOptions(), max_retries=0, retry_after_s=1.0)
+    now = time.monotonic()
+    driver._finished = {"old": (now - FINISHED_TTL_S - 1, {"id": "old"}), "new": (now, {"id": "new"})}
+    driver._sweep_finished()
+    assert list(driver._finished) == ["new"] and driver.view("new") == {"id": "new"}
+
+
 def test_a_checkpoint_that_cannot_be_loaded_starts_the_job_over_without_spending_a_retry(tmp_path):
     def outcome(msg):
         if msg.attempt == 1:

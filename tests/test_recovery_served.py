@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
+from srserve.serving.serve_env import local_cluster_options
+
 pytestmark = pytest.mark.slow
 
 APP = "srserve-recovery"
@@ -68,7 +70,7 @@ def served(tmp_path_factory):
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, resources={"sketch_pool": 1, "render_pool": 1}, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, **local_cluster_options())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     fast = {"graceful_shutdown_timeout_s": 5, "progress_interval_s": 0.2, "health_check_period_s": 1.0}

@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
+from srserve.serving.serve_env import local_cluster_options
+
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
@@ -101,7 +103,7 @@ def served(tmp_path_factory):
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, resources={"sketch_pool": 1, "render_pool": 1}, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, **local_cluster_options())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {

@@ -233,6 +233,7 @@ class JobDriver:
         elif outcome == "completed":
             self.metrics.completed(policy, created_at, result)
             self._finished[job_id] = (time.monotonic(), final)  # the client's last polls read it from here
+            self._views.pop(job_id, None)  # not the running record while the job's last steps below run
             await self._drop_checkpoints(job_id)  # a completed job keeps only its video variants
             await self._completed(job_id, attempt, result)
         return False
@@ -314,6 +315,7 @@ class JobDriver:
 
     async def _watch_once(self) -> None:
         w = self.watchdog
+        self._sweep_finished()
         # Bounded: with no live store replica Serve's router waits for one, and a round must fail, not hang.
         bound = {"retry_s": w.interval_s, "timeout_s": max(w.lease_s / 3, w.interval_s)}
         if time.monotonic() < self._claim_after:
@@ -332,6 +334,13 @@ class JobDriver:
         for job_id in seen["claimed"]:
             logger.info("resuming job %s (its driver's lease lapsed)", job_id)
             self.drive(job_id)
+
+    def _sweep_finished(self) -> None:
+        """Forget completed jobs past `FINISHED_TTL_S` whose records nobody read again here (their polls went
+        to another ingress replica): each holds a whole record, prompt included."""
+        now = time.monotonic()
+        for job_id in [j for j, (at, _) in self._finished.items() if now - at > FINISHED_TTL_S]:
+            del self._finished[job_id]
 
     def _problem(self, job: dict[str, Any], now: float) -> BaseException | None:
         w = self.watchdog

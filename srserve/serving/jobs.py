@@ -46,7 +46,7 @@ def _logged(job_id: str, text: str) -> str:
 
 class SQLiteJobStore:
     def __init__(self, path: str) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: complete_and_get holds it across complete and get
         self._db = open_table(Path(path).expanduser())
 
     # --- plumbing -----------------------------------------------------------------------------------------
@@ -269,8 +269,9 @@ class SQLiteJobStore:
     def complete_and_get(self, job_id: str, attempt: int, result: dict[str, Any]) -> tuple[str, dict | None]:
         """`complete`, and the final record when the job completed (else None): the driver answers the client's
         last polls from it, one store call where `complete` then `get` were two."""
-        outcome = self.complete(job_id, attempt, result)
-        return outcome, self.get(job_id) if outcome == "completed" else None
+        with self._lock:  # the record as `complete` left it, no other write in between
+            outcome = self.complete(job_id, attempt, result)
+            return outcome, self.get(job_id) if outcome == "completed" else None
 
     def mark_cancelled(self, job_id: str, reason: str = "cancelled") -> bool:
         """Record a requested cancellation as done; False (no change) when none was requested."""

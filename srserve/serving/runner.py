@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
 import shutil
@@ -85,44 +84,6 @@ def loopback_node(enabled: bool) -> Iterator[None]:
                 os.environ[name] = env_before
 
 
-def bind_replica_servers_to_loopback() -> None:
-    """Worker setup hook of a loopback-only local cluster: Serve 2.60 binds each replica's inter-deployment gRPC
-    server to all interfaces (`[::]:0`, no option); callers reach it at the node IP, loopback here, so binding
-    loopback keeps it working and off the network."""
-    from ray.serve._private import replica
-
-    bind = replica.add_port_to_grpc_server
-
-    def bind_loopback(server: Any, address: str) -> int:
-        return bind(server, address.replace("[::]", "127.0.0.1", 1) if address.startswith("[::]") else address)
-
-    replica.add_port_to_grpc_server = bind_loopback
-    bind_haproxy_to_loopback()
-
-
-# HAProxy's Prometheus exporter and stats page bind every interface in Ray 2.60's config template (no option).
-HAPROXY_BINDS = {"bind :{{ config.metrics_port }}": "bind 127.0.0.1:{{ config.metrics_port }}",
-                 "bind *:{{ config.stats_port }}": "bind 127.0.0.1:{{ config.stats_port }}"}
-
-
-def bind_haproxy_to_loopback() -> None:
-    """In the process that writes HAProxy's config (the proxy actor): its metrics and stats listeners on loopback,
-    like the rest of a loopback-only cluster. A template that no longer has these lines is left as it is, said."""
-    try:
-        from ray.serve._private import haproxy
-    except ImportError:  # a Ray without HAProxy support: nothing binds
-        return
-    template = haproxy.HAPROXY_CONFIG_TEMPLATE
-    for public, loopback in HAPROXY_BINDS.items():
-        if public in template:
-            template = template.replace(public, loopback)
-        elif loopback not in template:
-            logging.getLogger("ray.serve").warning("HAProxy's config template has no %r: not bound to loopback",
-                                                   public)
-    haproxy.HAPROXY_CONFIG_TEMPLATE = template
-
-
-LOOPBACK_HOOK = f"{__name__}.bind_replica_servers_to_loopback"
 
 
 def check_exposure(config: dict[str, Any], host: str) -> str | None:
@@ -289,12 +250,14 @@ def serve_main(argv: list[str] | None = None) -> int:
             return 2
 
     # Serve's throughput-optimized mode behind HAProxy (serve_env.py), set before Ray starts, so that the local
-    # cluster's workers inherit it.
-    from srserve.serving.serve_env import apply_serve_env, free_haproxy_ports
+    # cluster's workers inherit it (joining a running cluster, only this driver's handles see it).
+    from srserve.serving.serve_env import apply_serve_env, local_cluster_options, local_haproxy
 
-    apply_serve_env()
-    if not opts.address:
-        free_haproxy_ports()
+    in_force = apply_serve_env()
+    private_haproxy_dir = None if opts.address else local_haproxy()  # removed at the end, when made here
+    if in_force.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        print("srserve: Serve's HTTP proxy in front (no HAProxy binary, or RAY_SERVE_ENABLE_HA_PROXY set)",
+              flush=True)
     import ray
     from ray import serve
 
@@ -310,7 +273,7 @@ def serve_main(argv: list[str] | None = None) -> int:
                 # address="local": a new cluster, never one found through RAY_ADDRESS or a `ray start` here
                 ray.init(address="local", num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, resources=resources,
                          include_dashboard=False, _metrics_export_port=opts.metrics_port,
-                         runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK} if loopback else None)
+                         **local_cluster_options(loopback=loopback))
         # After ray.init, which installs its own SIGTERM handler (it aborts the process).
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         targets = metrics_endpoints(ray.nodes())
@@ -340,6 +303,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+        if private_haproxy_dir:
+            shutil.rmtree(private_haproxy_dir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
