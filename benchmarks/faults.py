@@ -74,16 +74,12 @@ def start_server(args: dict[str, Any], num_cpus: float | None) -> str:
 
     from srserve.serving import build_app
     from srserve.serving.runner import loopback_node, pool_resources
+    from srserve.serving.serve_env import local_cluster_options  # the mode `srserve serve` runs
 
     resources = pool_resources({"applications": [{"import_path": "srserve.serving:build_app", "args": args}]})
-    with loopback_node(True):
-        # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), for the processes Ray
-        # starts next.
-        from srserve.serving.serve_env import apply_serve_env, local_cluster_options
-
-        apply_serve_env()
+    with loopback_node(True):  # the node's IP is loopback: every listener can bind it
         ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=False,
-                 log_to_driver=False, **local_cluster_options())
+                 log_to_driver=False, **local_cluster_options(loopback=True))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

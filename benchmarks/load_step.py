@@ -242,11 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="srserve-load-step-"))
     model = str(write_sim_checkpoint(work / "model", SimSpec(time_factor=opts.time_factor)))
     quality_rows = json.loads(QUALITY.read_text())["rows"] if QUALITY.exists() else []
-    # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), for the processes Ray
-    # starts next.
-    from srserve.serving.serve_env import apply_serve_env, local_cluster_options
+    from srserve.serving.serve_env import local_cluster_options  # the mode `srserve serve` runs
 
-    apply_serve_env()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              resources={"sketch_pool": max(opts.sketch_max, opts.sketch_fixed),
                         "render_pool": max(opts.render_max, opts.render_fixed) + 2},

@@ -181,11 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     model = str(write_sim_checkpoint(work / "model", SimSpec(sketch_gpu=opts.gpu, render_gpu=opts.gpu,
                                                              time_factor=tf)))
     top = max(sizes)
-    # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), for the processes Ray
-    # starts next.
-    from srserve.serving.serve_env import apply_serve_env, local_cluster_options
+    from srserve.serving.serve_env import local_cluster_options  # the mode `srserve serve` runs
 
-    apply_serve_env()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              resources={"colocated_pool": top, "sketch_pool": top, "render_pool": top},
              **local_cluster_options())

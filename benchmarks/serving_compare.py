@@ -222,11 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="srserve-compare-"))
     resources = {"large_pool": opts.workers, "colocated_pool": opts.workers,
                  "sketch_pool": split["sketch_workers"], "render_pool": split["render_workers"]}
-    # The Serve mode `srserve serve` runs (throughput-optimized, HAProxy in front), for the processes Ray
-    # starts next.
-    from srserve.serving.serve_env import apply_serve_env, local_cluster_options
+    from srserve.serving.serve_env import local_cluster_options  # the mode `srserve serve` runs
 
-    apply_serve_env()
     ray.init(address="local", num_cpus=opts.workers, num_gpus=1 if opts.device != "cpu" else 0,
              resources=resources, include_dashboard=False, log_to_driver=False,
              **local_cluster_options())  # a new cluster, never another's

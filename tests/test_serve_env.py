@@ -37,7 +37,8 @@ def test_a_local_haproxy_gets_free_ports_and_a_private_directory_unless_set(tmp_
     assert hook.endswith("bind_serve_to_loopback")
     assert environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"
     assert 1024 < int(environ["RAY_SERVE_HAPROXY_METRICS_PORT"]) < 65536
-    assert set(environ) == set(HAPROXY_PORTS) | set(HAPROXY_FILES)
+    assert set(environ) - set(SERVE_ENV) == set(HAPROXY_PORTS) | set(HAPROXY_FILES)
+    assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"  # the mode itself comes with the options
     private = environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
     assert os.stat(private).st_mode & 0o777 == 0o700  # not /tmp/haproxy-serve, which every user shares
     assert environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] == os.path.join(private, "admin.sock")

@@ -95,9 +95,9 @@ class JobDriver:
         # The record of each job driven here as of the last watchdog round (at most `interval_s` old): status
         # polls for these jobs are answered without a store call.
         self._views: dict[str, dict[str, Any]] = {}
-        # Jobs that completed here lately, with their final record once read: a client's last polls and its
-        # download are answered without a store call. Kept `FINISHED_TTL_S`, or until deleted through here.
-        self._finished: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        # Jobs that completed here lately, with their final record (from `complete_and_get`): a client's last
+        # polls and its download are answered without a store call. Kept `FINISHED_TTL_S`, or until deleted here.
+        self._finished: dict[str, tuple[float, dict[str, Any]]] = {}
         self._loop_task: asyncio.Task | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ class JobDriver:
 
     def view(self, job_id: str) -> dict[str, Any] | None:
         """The job's record as of the last watchdog round, when this driver runs it or just completed it
-        (None: ask the store, then `remember` what it said)."""
+        (None: ask the store)."""
         job = self._views.get(job_id)
         if job is not None:
             return None if job["deleted"] else job
@@ -133,11 +133,6 @@ class JobDriver:
             self._finished.pop(job_id, None)
             return None
         return finished[1]
-
-    def remember(self, job: dict[str, Any] | None) -> None:
-        """A record read from the store, kept when it is the final one of a job that completed here."""
-        if job is not None and job["id"] in self._finished and job["status"] == "completed":
-            self._finished[job["id"]] = (self._finished[job["id"]][0], job)
 
     def forget(self, job_id: str) -> None:
         """Stop answering for the job (it was deleted): the store is the truth for it from now on."""

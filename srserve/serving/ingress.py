@@ -274,7 +274,6 @@ class Ingress(HandoffProbe):
         job = self.driver.view(video_id)
         if job is None:
             job = await call(self.store, "get", video_id)
-            self.driver.remember(job)
         return job if visible(job, caller) else None
 
     async def _drop_artifacts(self, job_id: str) -> None:

@@ -84,8 +84,6 @@ def loopback_node(enabled: bool) -> Iterator[None]:
                 os.environ[name] = env_before
 
 
-
-
 def check_exposure(config: dict[str, Any], host: str) -> str | None:
     """Why serving `config` on `host` must not start (an srserve app without API keys on a non-loopback host,
     unless its args say `open_access: true`), or None."""

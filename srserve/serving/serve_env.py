@@ -4,7 +4,7 @@ Serve reads these from the environment of each of its processes (controller, pro
 so they must be in place before the Ray cluster starts: `srserve serve` applies them to its own environment
 before `ray.init` (its local cluster's workers inherit it; a cluster joined with `--address` keeps its own), the
 tests apply them first thing (tests/conftest.py) so that the suite runs the mode that serves, and so do the
-benchmarks that start a cluster in-process. Every local cluster also gets `local_cluster_options()`.
+benchmarks that start a cluster in-process, through `local_cluster_options()`.
 
 What the mode changes (Ray >= 2.56; `benchmarks/control_plane_cpu.py` measures it, docs/deploy.md says more):
 - HAProxy takes the Serve HTTP proxy actor's place, and each ingress replica serves HTTP itself (uvicorn in
@@ -147,10 +147,11 @@ HAPROXY_HOOK = f"{__name__}.bind_haproxy_to_loopback"
 
 def local_cluster_options(loopback: bool = False, environ: MutableMapping[str, str] | None = None
                           ) -> dict[str, Any]:
-    """Before `ray.init` of a local cluster (`srserve serve`, tests, benchmarks): HAProxy's ports and files
-    (`local_haproxy`), and the `ray.init` keywords whose setup hook keeps HAProxy's exporter and stats page on
+    """Before `ray.init` of a local cluster (`srserve serve`, tests, benchmarks): the mode (`apply_serve_env`),
+    HAProxy's ports and files (`local_haproxy`), and the `ray.init` keywords whose setup hook keeps HAProxy's exporter and stats page on
     loopback; with `loopback` (only for a node whose IP is loopback: runner.loopback_node), Serve's replica gRPC
     servers too, which are called at the node's IP."""
+    apply_serve_env(environ)
     local_haproxy(environ)
     return {"runtime_env": {"worker_process_setup_hook": LOOPBACK_HOOK if loopback else HAPROXY_HOOK}}
 
